@@ -4,6 +4,7 @@ Everything works without an initialised process group: rank 0 of a world of 1.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 
@@ -42,3 +43,36 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's tensor along dim 0; backward keeps only this rank's slice.
+
+    The incoming gradient is not reduced across ranks (model.md §8.4): each rank's loss already
+    covers the whole gathered batch, and the data-parallel gradient all-reduce does the rest.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        sizes = all_gather_object(tensor.size(0))
+        rank = get_rank()
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        width = max(sizes)
+        padded = tensor
+        if tensor.size(0) < width:
+            pad = tensor.new_zeros((width - tensor.size(0), *tensor.shape[1:]))
+            padded = torch.cat([tensor, pad], dim=0)
+        out = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(out, padded.contiguous())
+        return torch.cat([o[:n] for o, n in zip(out, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output[ctx.start:ctx.stop]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Autograd-aware all-gather along dim 0 (sizes may differ per rank); identity alone."""
+    if not is_distributed():
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)

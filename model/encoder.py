@@ -1,0 +1,295 @@
+"""The HERO trunk: cross-modal F-TRM, temporal T-TRM and the hierarchical video encoder
+(model.md §6–§7).
+
+Decisions on open points of the spec:
+- The "pad-layer-unpad" helper (§4.11) is skipped: the layers act row by row, so applying them
+  directly is identical; the ``pad`` buffers are still registered (persistent) for state-dict
+  compatibility.
+- MFM does not modify the caller's ``c_v_feats`` in place (upstream zeroes the masked frames in
+  place); the numbers are the same.
+- Losses (MLM CE, MFM-NCE, FOM CE) are computed on fp32 logits, also under autocast.
+- FOM keeps upstream's plain mean CE: a batch with no selected frame gives NaN (data.md §10.3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.embeddings import (
+    FrameEmbeddings,
+    RobertaTextEmbeddings,
+    TemporalFrameEmbeddings,
+    token_type_lookup,
+)
+from model.layers import EMB_LN_EPS, BertEncoder, BertPooler, LinearLayer, MLPLayer, gelu
+from model.layers import init_weights as _init_weights
+
+PAD_ROWS = 8  # rows of the (functionally unused) ``pad`` buffers
+MAX_CLIP_LEN = 100  # FOM classes; never overridden upstream
+NCE_TEMP = 1.0
+
+
+def init_weights_fn(std: float):
+    """``module.apply`` callable for upstream's BERT init with the config's std."""
+    return lambda module: _init_weights(module, std)
+
+
+class LMHead(nn.Module):
+    """dense -> erf GELU -> LN(1e-5) -> tied decoder (no bias) + ``bias`` (model.md §4.6).
+
+    ``decoder.weight`` *is* the word-embedding parameter, so both keys appear in state dicts.
+    Callable on any (..., D) hidden states (the TVC decoder reuses it).
+    """
+
+    def __init__(self, config, word_embedding_weight: nn.Parameter):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=EMB_LN_EPS)
+        self.decoder = nn.Linear(word_embedding_weight.size(1), word_embedding_weight.size(0),
+                                 bias=False)
+        self.decoder.weight = word_embedding_weight
+        self.bias = nn.Parameter(torch.zeros(word_embedding_weight.size(0)))
+
+    def forward(self, hidden):
+        return self.decoder(self.LayerNorm(gelu(self.dense(hidden)))) + self.bias
+
+
+class FrameFeatureRegression(nn.Module):
+    """net.3(LN_1e-5(gelu(net.0(x)))): hidden -> raw frame feature (model.md §4.9)."""
+
+    def __init__(self, hidden_size: int, feat_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
+                                 nn.LayerNorm(hidden_size, eps=EMB_LN_EPS),
+                                 nn.Linear(hidden_size, feat_dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def gather_compact(img_emb, txt_emb, gather_index):
+    """[frames; text] along the sequence axis, then per-row gather (frames first, §6.1)."""
+    emb = torch.cat([img_emb, txt_emb], dim=1)
+    index = gather_index.unsqueeze(-1).expand(-1, -1, emb.size(-1))
+    return torch.gather(emb, 1, index)
+
+
+class CrossModalTrm(nn.Module):
+    """F-TRM (``v_encoder.f_encoder``, model.md §6): one row per subtitle segment.
+
+    ``vocab_pad`` is 0 except after :func:`model.model.load_roberta` padded the vocabulary; the
+    MLM logits then drop their last ``vocab_pad`` columns.
+    """
+
+    def __init__(self, config, vfeat_dim: int, max_frm_seq_len: int):
+        super().__init__()
+        self.config = config
+        self.encoder = BertEncoder(config)
+        self.embeddings = RobertaTextEmbeddings(config)
+        self.img_embeddings = FrameEmbeddings(config, vfeat_dim, max_frm_seq_len)
+        self.pooler = BertPooler(config)
+        self.apply(init_weights_fn(config.initializer_range))
+        self.lm_head = LMHead(config, self.embeddings.word_embeddings.weight)
+        self.register_buffer("pad", torch.zeros(PAD_ROWS, config.hidden_size))
+        self.vocab_pad = 0
+
+    def embed(self, txt_ids, txt_pos, img_feat, img_pos, gather_index, img_masks=None):
+        """Compact frames-then-text embeddings; text-only or frames-only when one is None."""
+        txt_emb = None if txt_ids is None else self.embeddings(txt_ids, txt_pos)
+        if img_feat is None:
+            return txt_emb
+        types = token_type_lookup(self.embeddings.token_type_embeddings, img_feat)
+        img_emb = self.img_embeddings(img_feat, img_pos, types, img_masks)
+        if txt_emb is None:
+            return img_emb
+        return gather_compact(img_emb, txt_emb, gather_index)
+
+    def encode(self, emb, attn_masks):
+        """Encoder stack + pooler: (sequence, pooled)."""
+        seq = self.encoder(emb, attn_masks)
+        return seq, self.pooler(seq)
+
+    def forward_repr(self, batch, img_masks=None):
+        emb = self.embed(batch["f_sub_input_ids"], batch["f_sub_pos_ids"], batch["f_v_feats"],
+                         batch.get("f_v_pos_ids"), batch["f_gather_index"], img_masks)
+        return self.encode(emb, batch["f_attn_masks"])
+
+    def forward_txt(self, input_ids, position_ids, attn_masks):
+        """Text-only pass (type id 1, no frames): sequence output (N, T, D)."""
+        return self.encoder(self.embeddings(input_ids, position_ids), attn_masks)
+
+    def forward_mlm(self, batch, compute_loss=True):
+        """LM logits at ``txt_mask_tgt`` positions (row-major); per-token CE if asked."""
+        emb = self.embed(batch["input_ids"], batch["position_ids"], batch["v_feat"],
+                         batch.get("f_pos_ids"), batch["gather_index"])
+        seq = self.encoder(emb, batch["attn_masks"])
+        logits = self.lm_head(seq[batch["txt_mask_tgt"]])
+        if self.vocab_pad:
+            logits = logits[:, :-self.vocab_pad]
+        if not compute_loss:
+            return logits
+        return F.cross_entropy(logits.float(), batch["txt_labels"], reduction="none")
+
+    def forward(self, batch, task="repr", compute_loss=True):
+        if task == "repr":
+            return self.forward_repr(batch, batch.get("f_v_masks"))
+        if task == "txt":
+            return self.encode(self.embeddings(batch["input_ids"], batch["pos_ids"]),
+                               batch["attn_masks"])
+        if task.startswith("mlm"):
+            return self.forward_mlm(batch, compute_loss)
+        raise ValueError(f"CrossModalTrm: unknown task {task!r} (expected repr, txt or mlm*)")
+
+
+class TemporalTrm(nn.Module):
+    """T-TRM (``v_encoder.c_encoder``, model.md §7.1 step 4): frame positions + encoder."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = TemporalFrameEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+        self.apply(init_weights_fn(config.initializer_range))
+
+    def forward(self, clip_feat, attn_masks, pool=False):
+        """(B, L, D) -> (B, L, D); padded positions keep their (non-zero) outputs."""
+        seq = self.encoder(self.embeddings(clip_feat), attn_masks)
+        return (seq, self.pooler(seq)) if pool else seq
+
+
+def mfm_nce_loss(predictions, targets, negatives, nce_temp: float = NCE_TEMP):
+    """MFM-NCE (model.md §7.2 step 5): returns (per-frame CE, fp32 logits).
+
+    Row i's positive is column i of P·targetsᵀ; the other targets and every predicted
+    negative are its negatives.
+    """
+    logits = torch.cat([predictions @ targets.to(predictions.dtype).t(),
+                        predictions @ negatives.to(predictions.dtype).t()], dim=1).float()
+    labels = torch.arange(logits.size(0), device=logits.device)
+    return F.cross_entropy(logits / nce_temp, labels, reduction="none"), logits
+
+
+def shuffle_frames(x, shuffled_orders):
+    """FOM scatter along time: out[b, orders[b, i]] = x[b, i] (model.md §7.3 step 2)."""
+    index = shuffled_orders.unsqueeze(-1).expand_as(x)
+    return torch.zeros_like(x).scatter(1, index, x)
+
+
+class HierarchicalVlModel(nn.Module):
+    """``v_encoder``: F-TRM per segment, collect onto clip frames, fuse, T-TRM (model.md §7).
+
+    Task dispatch (§7.4): ``repr`` -> T-TRM output (B, L, D); ``mlm*`` -> F-TRM MLM;
+    ``mffr`` / ``mfm-nce`` -> MFM; ``fom`` -> frame order modelling.  With
+    ``compute_loss=False``: mlm -> logits (M, V); mffr -> predictions (n_m, Dv);
+    mfm-nce -> (fp32 logits, predictions, negatives); fom -> logits (B·L, 100).
+    """
+
+    def __init__(self, config, vfeat_dim: int, max_frm_seq_len: int,
+                 max_clip_len: int = MAX_CLIP_LEN, nce_temp: float = NCE_TEMP):
+        super().__init__()
+        f_cfg, c_cfg = config.f_config, config.c_config
+        if f_cfg.hidden_size != c_cfg.hidden_size:
+            raise ValueError(f"f_config.hidden_size ({f_cfg.hidden_size}) must equal "
+                             f"c_config.hidden_size ({c_cfg.hidden_size})")
+        hidden = c_cfg.hidden_size
+        self.initializer_range = config.initializer_range
+        self.f_encoder = CrossModalTrm(f_cfg, vfeat_dim, max_frm_seq_len)
+        self.frame_transform = LinearLayer(vfeat_dim, hidden, c_cfg.hidden_dropout_prob)
+        self.c_encoder = TemporalTrm(c_cfg)
+        self.feat_regress = FrameFeatureRegression(hidden, vfeat_dim)
+        self.mask_embedding = nn.Embedding(2, vfeat_dim, padding_idx=0)
+        self.fom_output = MLPLayer(hidden, max_clip_len)
+        self.register_buffer("pad", torch.zeros(PAD_ROWS, hidden))
+        self.nce_temp = nce_temp
+
+    def initialize(self):
+        """Upstream order (§10): whole v_encoder, then F-TRM and T-TRM again."""
+        fn = init_weights_fn(self.initializer_range)
+        self.apply(fn)
+        self.f_encoder.apply(fn)
+        self.c_encoder.apply(fn)
+
+    @staticmethod
+    def _collect_index(f_out, num_subs, sub_idx2frame_idx, clip_len):
+        """Flat (source row, source position, destination b·L+f) lists for the collect."""
+        if len(num_subs) != len(sub_idx2frame_idx) or sum(num_subs) != f_out.size(0):
+            raise ValueError(f"batch mismatch: num_subs {list(num_subs)} (sum {sum(num_subs)}) "
+                             f"vs {f_out.size(0)} F-TRM rows and {len(sub_idx2frame_idx)} "
+                             "sub_idx2frame_idx entries")
+        rows, cols, dest, offset = [], [], [], 0
+        for b, (n_sub, pairs) in enumerate(zip(num_subs, sub_idx2frame_idx)):
+            for sub_idx, frames in pairs:
+                if sub_idx >= n_sub or len(frames) > f_out.size(1) or (
+                        frames and max(frames) >= clip_len):
+                    raise IndexError(
+                        f"sub_idx2frame_idx[{b}] pair ({sub_idx}, {list(frames)}) does not fit "
+                        f"{n_sub} segments / {clip_len} clip frames; check that the video DB's "
+                        "id2nframe is >= vid2len and sub indices are contiguous (data.md §13)")
+                rows += [offset + sub_idx] * len(frames)
+                cols += range(len(frames))
+                dest += [b * clip_len + f for f in frames]
+            offset += n_sub
+        return rows, cols, dest
+
+    def collect_frames(self, f_out, num_subs, sub_idx2frame_idx, clip_len):
+        """Scatter-add segment frame outputs onto clip frames, rows addressed by sub_idx."""
+        rows, cols, dest = self._collect_index(f_out, num_subs, sub_idx2frame_idx, clip_len)
+        out = f_out.new_zeros(len(num_subs) * clip_len, f_out.size(-1))
+        if dest:
+            dev = f_out.device
+            src = f_out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+            out = out.index_add(0, torch.tensor(dest, device=dev), src)
+        return out.view(len(num_subs), clip_len, f_out.size(-1))
+
+    def _repr(self, batch, c_v_feats, f_v_masks=None, encode_clip=True):
+        f_out, _ = self.f_encoder.forward_repr(batch, f_v_masks)
+        collected = self.collect_frames(f_out, batch["num_subs"], batch["sub_idx2frame_idx"],
+                                        c_v_feats.size(1))
+        fused = self.frame_transform(c_v_feats) + collected
+        if not encode_clip:
+            return fused
+        return self.c_encoder(fused, batch["c_attn_masks"])
+
+    def forward_repr(self, batch, encode_clip=True):
+        """T-TRM output (B, L, D); with ``encode_clip=False`` the fused frames X before it."""
+        return self._repr(batch, batch["c_v_feats"], None, encode_clip)
+
+    def forward_mfm(self, batch, task="mfm-nce", compute_loss=True):
+        """MFM (§7.2): masked clip frames get mask_embedding row 1, all others row 0."""
+        c_masks = batch["c_v_masks"]
+        feats = batch["c_v_feats"].masked_fill(c_masks.unsqueeze(-1), 0)
+        feats = feats + self.mask_embedding(c_masks.long())
+        out = self._repr(batch, feats, batch["f_v_masks"])
+        preds = self.feat_regress(out[c_masks])
+        targets = batch["feat_targets"]
+        if task == "mffr":
+            if not compute_loss:
+                return preds
+            return F.mse_loss(preds.float(), targets.float(), reduction="none")
+        negatives = self.feat_regress(out[~c_masks])
+        loss, logits = mfm_nce_loss(preds, targets, negatives, self.nce_temp)
+        return loss if compute_loss else (logits, preds, negatives)
+
+    def forward_fom(self, batch, compute_loss=True):
+        """FOM (§7.3): shuffle fused frames, T-TRM, 100-way classification, mean CE."""
+        fused = self.forward_repr(batch, encode_clip=False)
+        out = self.c_encoder(shuffle_frames(fused, batch["shuffled_orders"]),
+                             batch["c_attn_masks"])
+        logits = self.fom_output(out.reshape(-1, out.size(-1)))
+        if not compute_loss:
+            return logits
+        return F.cross_entropy(logits.float(), batch["targets"].reshape(-1), ignore_index=-1)
+
+    def forward(self, batch, task="repr", compute_loss=True):
+        if task == "repr":
+            return self.forward_repr(batch)
+        if task.startswith("mlm"):
+            return self.f_encoder.forward_mlm(batch, compute_loss)
+        if task in ("mffr", "mfm-nce"):
+            return self.forward_mfm(batch, task, compute_loss)
+        if task == "fom":
+            return self.forward_fom(batch, compute_loss)
+        raise ValueError(f"v_encoder: unknown task {task!r} "
+                         "(expected repr, mlm*, mffr, mfm-nce or fom)")

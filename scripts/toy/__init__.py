@@ -1,0 +1,1 @@
+"""Synthetic toy TV corpus in upstream's raw formats (see ``scripts/make_toy_corpus.py``)."""

@@ -1,0 +1,84 @@
+"""Raw TV task files in the released formats (data.md §3.2-3.6): TVR, TVQA, TVC, subtitles.
+
+One TVR query, one TVQA question and one TVC clip (two captions) per scene; ids are global
+counters so they never collide across splits.  Query types follow the modality that answers
+them: ``v`` (who/what/where: frames), ``t`` (who mentions which object: subtitles), ``vt``
+(both).  TVQA questions always need both: the subtitle locates the moment and the frames answer,
+or the frames locate it and the subtitle answers.  ``test_public`` lines omit the fields the
+released test files omit (TVR: ``vid_name``/``ts``; TVQA: ``answer_idx``; TVC: ``descs``).
+"""
+from __future__ import annotations
+
+from scripts.toy.text import TVC, TVQA, TVR, describe
+from scripts.toy.videos import pick
+from scripts.toy.world import ACTIONS, LOCATIONS, OBJECTS, Video
+
+TVR_TYPES = ("v", "v", "vt", "vt", "t")
+FIELD_SIZES = {"obj": len(OBJECTS), "loc": len(LOCATIONS), "action": len(ACTIONS)}
+
+
+def subtitle_lines(videos: list[Video]) -> list[dict]:
+    """``tvqa_preprocessed_subtitles.jsonl`` lines (also the ASR files' format)."""
+    return [{"vid_name": v.name,
+             "sub": [{"text": s.text, "start": s.start, "end": s.end} for s in v.subs]}
+            for v in videos]
+
+
+def tvr_lines(rng, videos: list[Video], split: str, ids) -> list[dict]:
+    lines = []
+    for v in videos:
+        for sc in v.scenes:
+            qtype = pick(rng, TVR_TYPES)
+            line = {"vid_name": v.name, "duration": v.duration, "ts": sc.seconds(v.fi),
+                    "desc": describe(TVR[qtype], sc), "type": qtype, "desc_id": next(ids)}
+            if split == "test_public":
+                del line["vid_name"], line["ts"]
+            lines.append(line)
+    return lines
+
+
+def answers(rng, template: str, scene, field: str) -> tuple[list[str], int]:
+    """Five candidates differing only in ``field``; returns them and the correct index."""
+    wrong = [x for x in rng.permutation(FIELD_SIZES[field]) if x != getattr(scene, field)][:4]
+    values = [getattr(scene, field)] + [int(x) for x in wrong]
+    order = [int(i) for i in rng.permutation(5)]
+    cands = [describe(template, scene, **{field: values[i]}) for i in order]
+    return cands, order.index(0)
+
+
+def tvqa_lines(rng, videos: list[Video], split: str, ids) -> list[dict]:
+    lines = []
+    for v in videos:
+        for sc in v.scenes:
+            question, answer, field = pick(rng, TVQA)
+            cands, answer_idx = answers(rng, answer, sc, field)
+            st, ed = sc.seconds(v.fi)
+            line = {f"a{k}": cands[k] for k in range(5)}
+            line.update(answer_idx=answer_idx, q=describe(question, sc), qid=next(ids),
+                        ts=f"{st:.2f}-{ed:.2f}", vid_name=v.name, show_name="Toy Show")
+            if split == "test_public":
+                del line["answer_idx"]
+            lines.append(line)
+    return lines
+
+
+def tvc_lines(videos: list[Video], split: str, clip_ids, cap_ids) -> list[dict]:
+    lines = []
+    for v in videos:
+        for sc in v.scenes:
+            line = {"vid_name": v.name, "clip_id": next(clip_ids), "ts": sc.seconds(v.fi),
+                    "duration": v.duration,
+                    "descs": [{"desc": describe(t, sc), "desc_id": next(cap_ids)} for t in TVC]}
+            if split == "test_public":
+                del line["descs"]
+            lines.append(line)
+    return lines
+
+
+def dur_idx(splits: dict[str, list[Video]]) -> dict:
+    """``tvr_video2dur_idx.json``: ``{split: {vid: [duration, global index]}}``, index over the
+    sorted names of all splits."""
+    names = sorted(v.name for vids in splits.values() for v in vids)
+    index = {n: i for i, n in enumerate(names)}
+    return {split: {v.name: [v.duration, index[v.name]] for v in vids}
+            for split, vids in splits.items()}

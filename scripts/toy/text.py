@@ -1,0 +1,69 @@
+"""Sentence templates of the toy corpus and the closed lexicon they span.
+
+Templates use the fields ``char`` (name), ``lchar`` (lower-case name), ``verb``/``verbs``/
+``ing``/``Ing`` (action forms), ``loc`` and ``obj``.  Which fields a template uses decides which
+modality answers it: char/loc/action come from frames, obj only from subtitles.  Every word any
+template can produce is listed by :func:`lexicon`, which the toy tokenizer is trained on.
+"""
+from __future__ import annotations
+
+import re
+import string
+
+from scripts.toy.world import ACTIONS, CHARACTERS, LOCATIONS, OBJECTS, Scene
+
+# subtitles (speaker prefix added by the caller) and ASR lines
+FACT_LINES = ("Where is my {obj}?", "I just found the {obj}.", "Have you seen my {obj}?",
+              "This {obj} is not mine.", "I need the {obj} right now.")
+REPLIES = ("Really? Tell me more.", "I have to go now.", "That sounds great.",
+           "Okay, see you later.", "No way!")
+ASR_LINES = ("where is my {obj}", "i just found the {obj}", "look at this {obj}",
+             "i need the {obj} now")
+# TVR queries by type
+TVR = {"v": "{char} is {ing} in the {loc}.",
+       "t": "{char} talks about the {obj}.",
+       "vt": "{char} is {ing} in the {loc} and talks about the {obj}."}
+# TVQA: question, answer template, the scene field the answer varies
+TVQA = (("What does {char} talk about while {ing}?", "The {obj}.", "obj"),
+        ("Where is {char} when talking about the {obj}?", "In the {loc}.", "loc"),
+        ("What is {char} doing while talking about the {obj}?", "{Ing}.", "action"))
+TVC = ("{char} is {ing} in the {loc} and mentions the {obj}.",
+       "In the {loc}, {char} talks about the {obj} while {ing}.")
+VIOLIN = ("{char} is {ing} in the {loc} and talks about the {obj}.",
+          "While {ing} in the {loc}, {char} asks about the {obj}.")
+DIDEMO = ("{char} {verbs} in the {loc}.", "{lchar} starts {ing} in the {loc}")
+MSRVTT = ("{lchar} is {ing} in the {loc}", "a person is {ing} in the {loc}",
+          "{lchar} talks about a {obj} in the {loc}", "someone in the {loc} mentions a {obj}")
+
+ALL_TEMPLATES = (FACT_LINES + REPLIES + ASR_LINES + tuple(TVR.values())
+                 + tuple(t for q, a, _ in TVQA for t in (q, a)) + TVC + VIOLIN + DIDEMO + MSRVTT
+                 + ("{char} : ",))
+FIELDS = ("char", "action", "loc", "obj")
+
+
+def fill(template: str, char: int, action: int, loc: int, obj: int) -> str:
+    verb, verbs, ing = ACTIONS[action]
+    return template.format(char=CHARACTERS[char], lchar=CHARACTERS[char].lower(), verb=verb,
+                           verbs=verbs, ing=ing, Ing=ing.capitalize(), loc=LOCATIONS[loc],
+                           obj=OBJECTS[obj])
+
+
+def describe(template: str, scene: Scene, **override) -> str:
+    """Fill a template from a scene; ``override`` replaces fields (VIOLIN negatives)."""
+    facts = {f: getattr(scene, f) for f in FIELDS}
+    facts.update(override)
+    return fill(template, **facts)
+
+
+def lexicon() -> list[str]:
+    """Every word and punctuation mark the templates can produce, sorted."""
+    words = set()
+    for template in ALL_TEMPLATES:
+        for literal, *_ in string.Formatter().parse(template):
+            words.update(re.findall(r"[A-Za-z]+|[^\sA-Za-z]", literal))
+    words.update(CHARACTERS)
+    words.update(c.lower() for c in CHARACTERS)
+    words.update(w for forms in ACTIONS for w in forms)
+    words.update(a[2].capitalize() for a in ACTIONS)
+    words.update(LOCATIONS + OBJECTS)
+    return sorted(words)
