@@ -12,7 +12,6 @@ first then text in the mask), ``clip_*`` cover all ``n`` frames, ``num_subs`` = 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 
@@ -20,7 +19,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-LOGGER = logging.getLogger(__name__)
+from data.txt_db import SubTokLmdb, VrSubTokLmdb
+from data.video_db import VideoFeatLmdb, check_frame_counts
 
 TXT_PAD = 1  # pad id hard-coded by upstream's collates (pitfall 2), not read from meta.json
 MAX_TXT_POS = 511  # text positions above this are clamped in video_collate / txt_input_collate
@@ -280,7 +280,6 @@ def _load_meta(meta):
 # loaders
 # ---------------------------------------------------------------------------------------------
 def _video_reader(vfeat_path, vfeat_interval, opts):
-    from data.video_db import VideoFeatLmdb
     return VideoFeatLmdb(vfeat_path, getattr(opts, "vfeat_version", "resnet_slowfast"),
                          vfeat_interval, getattr(opts, "compressed_db", False),
                          opts.max_clip_len)
@@ -293,8 +292,6 @@ def load_video_sub_dataset(vfeat_path, sub_txt_db, vfeat_interval, opts):
     here: a video whose kept subtitle frames (``vid2len.json`` grid) reach beyond
     ``min(id2nframe, max_clip_len)`` raises, since the model would scatter out of range.
     """
-    from data.txt_db import SubTokLmdb, VrSubTokLmdb
-    from data.video_db import check_frame_counts
     img_db = _video_reader(vfeat_path, vfeat_interval, opts)
     if isinstance(sub_txt_db, (str, os.PathLike)):
         wrapper = VrSubTokLmdb if "msrvtt" in getattr(opts, "task", "") else SubTokLmdb

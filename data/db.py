@@ -6,6 +6,10 @@ parent's handle, which LMDB does not support. Handles are dropped when pickling,
 be sent to spawned workers too. ``lock=False`` is safe because nothing writes while we read (and
 the Docker launcher mounts the databases read-only anyway).
 
+py-lmdb refuses to open one environment twice in a process, yet upstream builds several readers
+on the same folder (e.g. train and val datasets over one video DB), so environments and their
+read transaction are shared per (process, real path).
+
 Writers are transactional and batched: a commit every 1000 puts and a final commit on close,
 with the map sizes of upstream (4 TiB text, 1 TiB video; LMDB files are sparse).
 """
@@ -73,6 +77,29 @@ def write_jsonl(path: str, lines) -> None:
         f.write("\n".join(json.dumps(line) for line in lines))
 
 
+_SHARED = {"pid": None, "txns": {}}
+
+
+def _shared_txn(path: str, max_readers: int):
+    """The process-wide read transaction of ``path``.
+
+    In a forked child the parent's handles are closed first (only the child's copies: with
+    ``lock=False`` this unmaps memory and closes descriptors), because py-lmdb remembers the
+    open paths across the fork and would refuse to reopen them.
+    """
+    if _SHARED["pid"] != os.getpid():
+        for env, txn in _SHARED["txns"].values():
+            txn.abort()
+            env.close()
+        _SHARED["pid"], _SHARED["txns"] = os.getpid(), {}
+    key = os.path.realpath(path)
+    if key not in _SHARED["txns"]:
+        env = lmdb.open(path, readonly=True, create=False, lock=False, readahead=False,
+                        max_readers=max_readers)
+        _SHARED["txns"][key] = (env, env.begin(buffers=True))
+    return _SHARED["txns"][key][1]
+
+
 class LazyLmdb:
     """A read-only LMDB with one long-lived ``buffers=True`` read transaction per process."""
 
@@ -82,18 +109,13 @@ class LazyLmdb:
         self.path = path
         self.max_readers = max_readers
         self._pid = None
-        self._env = self._txn = None
-
-    def _open(self):
-        self._env = lmdb.open(self.path, readonly=True, create=False, lock=False,
-                              readahead=False, max_readers=self.max_readers)
-        self._txn = self._env.begin(buffers=True)
-        self._pid = os.getpid()
+        self._txn = None
 
     @property
     def txn(self):
         if self._pid != os.getpid():
-            self._open()
+            self._txn = _shared_txn(self.path, self.max_readers)
+            self._pid = os.getpid()
         return self._txn
 
     def get(self, key: str):

@@ -24,15 +24,7 @@ from torch.utils.data import Dataset
 from utils.distributed import shard
 
 from .data import TXT_PAD, exclusive_span, video_collate
-from .videoQA import db_name
-
-
-def check_videos(vids, video_db, source: str, show: int = 5) -> None:
-    """Fail early, naming ``source``, if a video has no features or subtitles."""
-    missing = [vid for vid in vids if vid not in video_db]
-    if missing:
-        raise KeyError(f"{len(missing)} videos listed in {source} are missing from the video "
-                       f"or subtitle DB, e.g. {missing[:show]}")
+from .videoQA import check_videos, db_name
 
 
 def clip_range_mask(ts, frame_interval: float, num_frames: int):
@@ -137,7 +129,7 @@ class TvcValDataset(TvcTrainDataset):
 
     @staticmethod
     def collate(inputs):
-        """Video keys + per-clip ``cap_attn_mask``, ``vid_names``, ``clip_ids``, ``all_ts``, ``gts``.
+        """Video keys + ``cap_attn_mask``, ``vid_names``, ``clip_ids``, ``all_ts`` and ``gts``.
 
         Every per-clip list is flat over the batch, video by video (one entry per clip).
         """

@@ -26,6 +26,7 @@ from .data import (
     inclusive_span,
     video_collate,
 )
+from .video_db import require_videos
 
 LOGGER = logging.getLogger(__name__)
 NO_TARGET = (-1, -1)
@@ -76,7 +77,6 @@ def video_index(video_ids, video_db, use_sub_index=True):
 
 def check_query_videos(qids, query_db, video_db, show=5):
     """Raise listing the query ids whose video is absent from the video or subtitle DB."""
-    from .video_db import require_videos
     missing = {qid: query_db.query2video[qid] for qid in qids
                if qid in query_db.query2video and query_db.query2video[qid] not in video_db}
     if not missing:

@@ -49,6 +49,14 @@ def video_of(query_db, qid: str) -> str:
                        f"{db_name(query_db)}/query2video.json") from None
 
 
+def check_videos(vids, video_db, source: str, show: int = 5) -> None:
+    """Fail early, naming ``source``, if a video has no features or subtitles."""
+    missing = [vid for vid in vids if vid not in video_db]
+    if missing:
+        raise KeyError(f"{len(missing)} videos listed in {source} are missing from the video "
+                       f"or subtitle DB, e.g. {missing[:show]}")
+
+
 def qa_target(example, qid: str, query_db) -> torch.Tensor:
     """``[answer_idx]`` or ``[-1]`` when the split has no labels."""
     target = example.get("target")
@@ -75,8 +83,9 @@ def build_qa_inputs(example, qid: str, query_db):
 class VideoQaDataset(Dataset):
     """Training/validation TVQA questions, sharded by rank (``ids[rank::world_size]``).
 
-    ``video_ids`` is kept for API compatibility (``self.vids``); items are the question ids of
-    ``query_db`` in id2len order, after its q+longest-answer length filter.
+    Items are the question ids of ``query_db`` in id2len order, after its q+longest-answer
+    length filter. ``video_ids``, ``max_num_query`` and ``sampled_by_q`` are upstream's
+    arguments, kept for API compatibility; only the one-question-per-item mode exists.
     """
 
     def __init__(self, video_ids, video_db, query_db, max_num_query=5, sampled_by_q=True):
@@ -93,6 +102,8 @@ class VideoQaDataset(Dataset):
         self.max_clip_len = video_db.max_clip_len
         self.frame_interval = video_db.frame_interval
         self.qids = shard(query_db.ids)
+        check_videos(dict.fromkeys(video_of(query_db, qid) for qid in self.qids), video_db,
+                     f"{db_name(query_db)}/query2video.json")
 
     def __len__(self):
         return len(self.qids)

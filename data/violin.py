@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from utils.distributed import shard
 
 from .data import txt_input_collate, video_collate
-from .videoQA import db_name, extend_video_text, video_of
+from .videoQA import check_videos, db_name, extend_video_text, video_of
 
 
 def pair_id(qid: str, query_db=None) -> str:
@@ -28,7 +28,11 @@ def pair_id(qid: str, query_db=None) -> str:
 
 
 class ViolinDataset(Dataset):
-    """Training/validation statements, sharded by rank (``ids[rank::world_size]``)."""
+    """Training/validation statements, sharded by rank (``ids[rank::world_size]``).
+
+    ``video_ids``, ``max_num_query`` and ``sampled_by_q`` are upstream's arguments, kept for API
+    compatibility (eval_violin passes ``sampled_by_q``); items are always statement ids.
+    """
 
     def __init__(self, video_ids, video_db, query_db, max_num_query=5, sampled_by_q=True):
         if not sampled_by_q:
@@ -44,6 +48,8 @@ class ViolinDataset(Dataset):
         self.max_clip_len = video_db.max_clip_len
         self.frame_interval = video_db.frame_interval
         self.qids = shard(query_db.ids)
+        check_videos(dict.fromkeys(video_of(query_db, qid) for qid in self.qids), video_db,
+                     f"{db_name(query_db)}/query2video.json")
 
     def __len__(self):
         return len(self.qids)

@@ -325,6 +325,8 @@ def test_tvc_gradients_reach_every_head_parameter():
     for name, param in heads:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert model.v_encoder.f_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    c_layer = model.v_encoder.c_encoder.encoder.layer[0]  # the clip memory is differentiable
+    assert c_layer.output.dense.weight.grad.abs().sum() > 0
 
 
 def test_tvc_loads_pretraining_checkpoint_with_expected_missing_keys():

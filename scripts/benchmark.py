@@ -1,0 +1,233 @@
+"""Throughput benchmarks, one sub-command each, printing JSON lines.
+
+Usage (from the repository root)::
+
+    python scripts/benchmark.py data [--corpus DBS] [--workers 0 2] [--num_batches 20]
+    python scripts/benchmark.py all  [...]
+
+Every line is ``{"figure": str, "value": float, "unit": str, "device": str}``.
+
+Extension point: a benchmark is a :class:`Bench` in :data:`BENCHMARKS` (sub-command name ->
+``Bench(help, add_arguments, run)``); ``run(opts)`` returns a list of result dicts. ``model``,
+``train``, ``vcmr`` and ``tvc`` are meant to be added there with :func:`register`; ``all``
+runs every registered benchmark with the shared flags.
+
+``data`` measures items/s and batches/s of the VCMR training loader (items = queries) and of
+the pre-training MetaLoader over MLM, MFM-NCE, FOM and VSM with ratios 2:2:1:2 (items =
+videos), for each ``--workers`` value. The first batch (worker start-up) is excluded from the
+timing. Batches go through ``PrefetchLoader``, so on a GPU machine host->device copies count.
+Without ``--corpus`` the toy ``demo`` corpus is generated and built into a temporary folder
+with ``scripts/make_toy_corpus.py`` and ``scripts/build_toy_dbs.sh``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from itertools import islice
+from types import SimpleNamespace
+from typing import NamedTuple
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Bench(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], list]
+
+
+BENCHMARKS: dict[str, Bench] = {}
+
+
+def register(name: str, help: str, add_arguments=lambda parser: None):
+    """Decorator adding ``run(opts) -> list[dict]`` as sub-command ``name``."""
+    def wrap(run):
+        BENCHMARKS[name] = Bench(help, add_arguments, run)
+        return run
+    return wrap
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def result(figure: str, value: float, unit: str) -> dict:
+    return {"figure": figure, "value": round(float(value), 3), "unit": unit,
+            "device": device_name()}
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def corpus_dir(corpus):
+    """Yield ``corpus`` or, when None, a freshly built toy ``demo`` corpus (deleted after)."""
+    if corpus is not None:
+        if not os.path.isdir(corpus):
+            raise FileNotFoundError(f"--corpus folder not found: {corpus}")
+        yield corpus
+        return
+    script = os.path.join(REPO, "scripts", "build_toy_dbs.sh")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"{script} is missing: pass --corpus (a folder holding txt_db/ "
+                                "and video_db/) instead")
+    with tempfile.TemporaryDirectory(prefix="hero_bench_") as tmp:
+        raw, dbs = os.path.join(tmp, "raw"), os.path.join(tmp, "dbs")
+        subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_toy_corpus.py"),
+                        "--out", raw, "--size", "demo"], check=True, stdout=sys.stderr)
+        subprocess.run(["bash", script, raw, dbs], check=True, stdout=sys.stderr, cwd=REPO,
+                       env={**os.environ, "PYTHON": sys.executable})
+        yield dbs
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default=None,
+                        help="folder with txt_db/ and video_db/ (default: build the toy demo)")
+    parser.add_argument("--sub_db", default="txt_db/tv_subtitles.db",
+                        help="subtitle DB, relative to --corpus")
+    parser.add_argument("--vfeat_db", default="video_db/tv", help="video DB, relative to --corpus")
+    parser.add_argument("--query_db", default="txt_db/tvr_train.db",
+                        help="VCMR query DB, relative to --corpus")
+    parser.add_argument("--pretrain_idx", default="txt_db/pretrain_splits/tv_train.json",
+                        help="pre-training video list, relative to --corpus")
+    parser.add_argument("--vfeat_interval", type=float, default=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                        help="DataLoader worker counts to measure")
+    parser.add_argument("--batch_size", type=int, default=8, help="items per batch")
+    parser.add_argument("--num_batches", type=int, default=20, help="timed batches per loader")
+
+
+def time_loader(loader, num_batches: int, count_items, desc: str):
+    """``(items/s, batches/s)`` over ``num_batches`` batches after one warm-up batch."""
+    it = iter(loader)
+    next(it)
+    items, start = 0, time.perf_counter()
+    for batch in tqdm(islice(it, num_batches), total=num_batches, desc=desc, file=sys.stderr):
+        items += count_items(batch)
+    elapsed = time.perf_counter() - start
+    return items / elapsed, num_batches / elapsed
+
+
+def _loader_opts(opts, n_workers: int):
+    return SimpleNamespace(train_batch_size=opts.batch_size, val_batch_size=opts.batch_size,
+                           n_workers=n_workers, pin_mem=True, max_clip_len=100, sub_ctx_len=0,
+                           max_txt_len=60, vfeat_version="resnet_slowfast",
+                           compressed_db=False, task="tvr")
+
+
+def vcmr_loader(root: str, opts, lopts):
+    from data.data import load_video_sub_dataset
+    from data.loader import PrefetchLoader, build_dataloader
+    from data.txt_db import QueryTokLmdb
+    from data.vcmr import VcmrDataset, get_video_ids, vcmr_collate
+    query_path = os.path.join(root, opts.query_db)
+    video_db = load_video_sub_dataset(os.path.join(root, opts.vfeat_db),
+                                      os.path.join(root, opts.sub_db), opts.vfeat_interval, lopts)
+    dataset = VcmrDataset(get_video_ids(query_path), video_db,
+                          QueryTokLmdb(query_path, lopts.max_txt_len))
+    return PrefetchLoader(build_dataloader(dataset, Counted(vcmr_collate), True, lopts))
+
+
+def pretrain_loader(root: str, opts, lopts):
+    """MetaLoader over the four TV pre-training tasks with the released ratios 2:2:1:2."""
+    from data.data import load_video_sub_dataset
+    from data.fom import FomDataset, fom_collate
+    from data.loader import MetaLoader, PrefetchLoader, build_dataloader
+    from data.mfm import MfmDataset, mfm_collate
+    from data.mlm import VideoMlmDataset, mlm_collate
+    from data.vsm import VsmDataset, vsm_collate
+    with open(os.path.join(root, opts.pretrain_idx)) as f:
+        vids = json.load(f)
+    video_db = load_video_sub_dataset(os.path.join(root, opts.vfeat_db),
+                                      os.path.join(root, opts.sub_db), opts.vfeat_interval, lopts)
+    tasks = {"mlm_tv_all": (VideoMlmDataset, mlm_collate, 2),
+             "mfm-nce_tv_all": (MfmDataset, mfm_collate, 2),
+             "fom_tv_all": (FomDataset, fom_collate, 1),
+             "vsm_tv_all": (VsmDataset, vsm_collate, 2)}
+    loaders = {name: (build_dataloader(cls(vids, video_db), Counted(collate), True, lopts), ratio)
+               for name, (cls, collate, ratio) in tasks.items()}
+    return PrefetchLoader(MetaLoader(loaders, accum_steps=1))
+
+
+class Counted:
+    """Collate wrapper returning ``(n_items, batch)``: MLM batches no longer show their videos."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        return len(items), self.collate(items)
+
+
+@register("data", "items/s and batches/s of the VCMR and pre-training loaders",
+          lambda parser: (add_corpus_arguments(parser), add_data_arguments(parser)))
+def bench_data(opts) -> list:
+    results = []
+    with corpus_dir(opts.corpus) as root:
+        for n_workers in opts.workers:
+            lopts = _loader_opts(opts, n_workers)
+            for name, build, count in (
+                    ("vcmr", vcmr_loader, lambda batch: batch[0]),
+                    ("pretrain", pretrain_loader, lambda task_batch: task_batch[1][0])):
+                loader = build(root, opts, lopts)
+                items, batches = time_loader(loader, opts.num_batches, count,
+                                             f"{name} workers={n_workers}")
+                prefix = f"data/{name}/workers={n_workers}/bs={opts.batch_size}"
+                results += [result(f"{prefix}/items_per_s", items, "items/s"),
+                            result(f"{prefix}/batches_per_s", batches, "batches/s")]
+                del loader
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+def _add_all_arguments(parser: argparse.ArgumentParser) -> None:
+    """Union of every benchmark's flags (shared ones such as ``--corpus`` declared once)."""
+    for name, bench in BENCHMARKS.items():
+        if name != "all":
+            bench.add_arguments(parser)
+
+
+@register("all", "every registered benchmark in turn", _add_all_arguments)
+def bench_all(opts) -> list:
+    return [r for name, bench in BENCHMARKS.items() if name != "all" for r in bench.run(opts)]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    subs = parser.add_subparsers(dest="command", required=True)
+    for name, bench in BENCHMARKS.items():
+        bench.add_arguments(subs.add_parser(name, help=bench.help, conflict_handler="resolve"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    opts = parse_args(argv)
+    for line in BENCHMARKS[opts.command].run(opts):
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
