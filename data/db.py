@@ -126,16 +126,6 @@ class LazyLmdb:
         """Decoded text record; a missing or corrupt one raises RecordDecodeError(path[key])."""
         return decode_txt(self.get(key), where=f"{self.path}[{key!r}]")
 
-    def keys(self) -> list:
-        with self.txn.cursor() as cur:
-            return [bytes(k).decode("utf-8") for k in cur.iternext(keys=True, values=False)]
-
-    def items(self):
-        """Iterate ``(key, raw value)`` in key order with a single cursor (fast full scans)."""
-        with self.txn.cursor() as cur:
-            for k, v in cur:
-                yield bytes(k).decode("utf-8"), v
-
     def __len__(self) -> int:
         return self.txn.stat()["entries"]
 

@@ -83,7 +83,8 @@ def context_text(sub_ids, sub_idx: int, sub_ctx_len: int, max_txt_len: int, drop
 class VideoMlmDataset(Dataset):
     """MLM items over the videos ``video_ids`` (sharded by rank) of ``vid_sub_db``.
 
-    ``sub_ctx_len`` defaults to the video dataset's own value (0 in the released config).
+    ``sub_ctx_len`` defaults to the video dataset's own value (0 in the released config);
+    ``mask_prob`` is the token selection probability (0.15 in every released config).
     Frames are **not** filtered against the clip length here (upstream does not either;
     ``load_video_sub_dataset`` already rejects videos where that would matter, pitfall 10).
     """

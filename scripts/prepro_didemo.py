@@ -31,7 +31,6 @@ Decisions (upstream's DiDeMo preprocessing is not public, data.md §14 q1, train
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -42,8 +41,14 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.db import TxtLmdbWriter, make_output_dir, read_json, write_json, write_jsonl  # noqa: E402
-from data.db import write_meta  # noqa: E402
+from data.db import (  # noqa: E402
+    TxtLmdbWriter,
+    make_output_dir,
+    read_json,
+    write_json,
+    write_jsonl,
+    write_meta,
+)
 from scripts.prepro_query import build_meta, make_record  # noqa: E402
 from utils.tokenizer import load_toker  # noqa: E402
 

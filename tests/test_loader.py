@@ -157,3 +157,14 @@ def test_worker_init_fn_seeds_random_and_numpy_from_torch_seed():
     random.seed(5)
     np.random.seed(5)
     assert got == (random.random(), float(np.random.rand()))
+
+
+def test_benchmark_registry_and_corpus_errors(tmp_path):
+    from scripts import benchmark
+    assert {"data", "all"} <= set(benchmark.BENCHMARKS)
+    opts = benchmark.parse_args(["all", "--workers", "0", "--corpus", str(tmp_path / "nope")])
+    assert opts.workers == [0] and opts.num_batches == 20
+    with pytest.raises(FileNotFoundError, match="nope"):
+        benchmark.bench_data(opts)
+    line = benchmark.result("data/x", 1.23456, "items/s")
+    assert line["value"] == 1.235 and set(line) == {"figure", "value", "unit", "device"}

@@ -15,8 +15,13 @@ from transformers import RobertaTokenizer
 
 from data.txt_db import CaptionTokLmdb, QaQueryTokLmdb, QueryTokLmdb, SubTokLmdb, TxtTokLmdb
 from data.video_db import VideoFeatLmdb
-from scripts import collect_video_feature_paths, convert_videodb, prepro_query, prepro_sub
-from scripts import prepro_tvc
+from scripts import (
+    collect_video_feature_paths,
+    convert_videodb,
+    prepro_query,
+    prepro_sub,
+    prepro_tvc,
+)
 from scripts.prepro_sub import match_subtitles, pseudo_subtitles
 from utils.tokenizer import load_toker, roberta_tokenize, toker_meta
 
@@ -365,6 +370,7 @@ def test_convert_videodb_existing_key_not_produced_raises(tmp_path, feature_dir)
 # ---------------------------------------------------------------- shell driver
 
 
+@pytest.mark.slow
 def test_create_txtdb_sh_end_to_end(tmp_path, toker_dir):
     ann = tmp_path / "ann"
     ann.mkdir()

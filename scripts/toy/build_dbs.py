@@ -6,7 +6,8 @@ equivalent command line): the scripts are unchanged, only the ~2 s interpreter a
 transformers start-up per script is saved.  Layout of ``OUT``::
 
     txt_db/   tvr_{train,val,test_public}.db  tv_subtitles.db (+ vid2dur_idx.json)
-              tvqa_{train,val,test_public}.db  tvc_{train,val}.db  tvc_{val,test_public}_release.jsonl
+              tvqa_{train,val,test_public}.db  tvc_{train,val}.db
+              tvc_{val,test_public}_release.jsonl
               violin_{train,val,test}.db  violin_subtitles.db
               didemo_{train,val,test}.db  didemo_subtitles.db
               msrvtt_{train,val,test}.db  msrvtt_subtitles.db  pretrain_splits/tv_{train,val}.json
@@ -26,8 +27,16 @@ import shutil
 import sys
 from pathlib import Path
 
-from scripts import (collect_video_feature_paths, convert_videodb, prepro_didemo, prepro_msrvtt,
-                     prepro_query, prepro_sub, prepro_tvc, prepro_violin)
+from scripts import (
+    collect_video_feature_paths,
+    convert_videodb,
+    prepro_didemo,
+    prepro_msrvtt,
+    prepro_query,
+    prepro_sub,
+    prepro_tvc,
+    prepro_violin,
+)
 from scripts.toy import featinfo
 
 LOGGER = logging.getLogger(__name__)

@@ -12,8 +12,14 @@
 from __future__ import annotations
 
 from scripts.toy.text import ASR_LINES, FACT_LINES, REPLIES, describe
-from scripts.toy.world import (CHARACTERS, Video, make_scenes, scene_subs, segment_scenes,
-                               split_lengths)
+from scripts.toy.world import (
+    CHARACTERS,
+    Video,
+    make_scenes,
+    scene_subs,
+    segment_scenes,
+    split_lengths,
+)
 
 TV_FI = 1.5
 MSRVTT_FI = 2.0
@@ -26,7 +32,8 @@ def pick(rng, seq):
 
 def tv_name(i: int) -> str:
     """``toy_s01e01_seg01_clip_00``-style names: 4 clips per segment, 2 segments per episode."""
-    return f"toy_s{i // 80 + 1:02d}e{(i // 8) % 10 + 1:02d}_seg{(i // 4) % 2 + 1:02d}_clip_{i % 4:02d}"
+    season, episode, seg, clip = i // 80 + 1, (i // 8) % 10 + 1, (i // 4) % 2 + 1, i % 4
+    return f"toy_s{season:02d}e{episode:02d}_seg{seg:02d}_clip_{clip:02d}"
 
 
 def dialogue(rng, video: Video) -> None:
