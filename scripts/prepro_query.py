@@ -74,8 +74,9 @@ def make_record(line: dict, task: str, toker, path: str, n: int):
 def prepro_query(opts) -> None:
     lines = read_jsonl(opts.annotation)
     toker = load_toker(opts.toker)
+    meta = build_meta(opts, toker)
     make_output_dir(opts.output)
-    write_meta(opts.output, build_meta(opts, toker))
+    write_meta(opts.output, meta)
     id2len, query2video = {}, {}
     with TxtLmdbWriter(opts.output) as db:
         for n, line in enumerate(tqdm(lines, desc=f"prepro {opts.task}")):

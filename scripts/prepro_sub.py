@@ -180,10 +180,10 @@ def prepro_sub(opts) -> None:
     lines = read_jsonl(opts.annotation)
     vid2nframe = read_json(opts.vid2nframe, "--vid2nframe")
     toker = load_toker(opts.toker)
-    make_output_dir(opts.output)
     meta = dict(vars(opts))
     meta["tokenizer"] = opts.toker
     meta.update(toker_meta(toker))
+    make_output_dir(opts.output)
     write_meta(opts.output, meta)
     vid2len, vid2max_len, sub_info = {}, {}, {}
     with TxtLmdbWriter(opts.output) as db:

@@ -75,10 +75,10 @@ def prepro_tvc(opts) -> None:
     lines = read_jsonl(opts.annotation)
     vid2subs = load_subtitles(opts.subtitles)
     toker = load_toker(opts.toker)
-    make_output_dir(opts.output)
     meta = dict(vars(opts))
     meta["tokenizer"] = opts.toker
     meta.update(toker_meta(toker))
+    make_output_dir(opts.output)
     write_meta(opts.output, meta)
     cap2vid, vid2caps, clip2vid, vid2clips = {}, {}, {}, {}
     with TxtLmdbWriter(os.path.join(opts.output, "cap.db")) as cap_db, \

@@ -1,0 +1,217 @@
+"""The toy corpus generator, its tokenizer and the full toy DB build (scripts/toy/)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.toy.build import make_corpus
+from scripts.toy.features import RESNET_DIM, SLOWFAST_DIM, make_prototypes
+from scripts.toy.text import lexicon
+from scripts.toy.world import ACTIONS, CHARACTERS, LOCATIONS, OBJECTS, stream_rng
+
+DATASETS = ("tv", "violin", "didemo", "msrvtt")
+
+
+def world(raw: Path) -> dict:
+    return json.loads((raw / "world.json").read_text())["videos"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def load_npz(raw: Path, kind: str, ds: str, vid: str) -> np.ndarray:
+    with np.load(raw / "features" / f"{kind}_features" / ds / f"{vid}.npz") as npz:
+        return npz["features"]
+
+
+def corpus_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.suffix != ".npz"}
+
+
+def test_same_seed_same_corpus_other_seed_differs(toy_raw, tmp_path):
+    again = make_corpus(tmp_path / "again", seed=0, size="tiny")
+    assert corpus_files(again) == corpus_files(toy_raw)
+    vid = sorted(world(toy_raw)["tv"])[0]
+    for kind in ("resnet", "slowfast"):
+        np.testing.assert_array_equal(load_npz(again, kind, "tv", vid),
+                                      load_npz(toy_raw, kind, "tv", vid))
+    other = make_corpus(tmp_path / "other", seed=1, size="tiny")
+    assert world(other) != world(toy_raw)
+
+
+def test_refuses_non_empty_output(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_corpus(tmp_path / "x", seed=0)
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_tokenizer_keeps_roberta_special_ids(toy_raw):
+    from utils.tokenizer import load_toker, roberta_tokenize, toker_meta
+
+    toker = load_toker(str(toy_raw / "tokenizer"))
+    assert toker_meta(toker) == {"BOS": 0, "CLS": 0, "PAD": 1, "EOS": 2, "SEP": 2, "UNK": 3,
+                                 "MASK": 50264, "v_range": [4, 50261]}
+    vocab = toker.get_vocab()
+    assert len(vocab) == 50265 and max(vocab.values()) == 50264 < 50272
+    first_filler = vocab["<unused5>"] if "<unused5>" in vocab else min(
+        i for t, i in vocab.items() if t.startswith("<unused"))
+    for word in lexicon():
+        ids = roberta_tokenize(toker, f"x {word}")[1:]
+        assert len(ids) == 1 and 3 < ids[0] < first_filler, word
+    sub = read_jsonl(toy_raw / "tvqa_preprocessed_subtitles.jsonl")[0]["sub"][0]["text"]
+    assert all(3 < i < first_filler for i in roberta_tokenize(toker, sub, unescape=True))
+
+
+def test_tokenizer_identical_in_a_fresh_process(toy_raw, tmp_path):
+    code = ("import sys; from scripts.toy.tokenizer import build_tokenizer; "
+            "build_tokenizer(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "tok")], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "tok" / name).read_bytes() == (toy_raw / "tokenizer" / name).read_bytes()
+
+
+def test_feature_files_shapes_dtypes_and_frame_counts(toy_raw):
+    videos = world(toy_raw)
+    assert {ds: len(v) for ds, v in videos.items()} == {"tv": 12, "violin": 8, "didemo": 8,
+                                                        "msrvtt": 8}
+    vid2nframe = json.loads((toy_raw / "tv_vid2nframe.json").read_text())
+    assert vid2nframe == {v: w["n_frames"] for v, w in videos["tv"].items()}
+    for ds in DATASETS:
+        for vid, w in videos[ds].items():
+            slowfast, resnet = (load_npz(toy_raw, k, ds, vid) for k in ("slowfast", "resnet"))
+            assert slowfast.dtype == resnet.dtype == np.float16
+            assert slowfast.shape == (w["n_frames"], SLOWFAST_DIM)
+            assert resnet.shape[1] == RESNET_DIM and resnet.shape[0] - w["n_frames"] in (0, 1)
+    assert all(20 <= w["n_frames"] <= 60 for w in videos["tv"].values())
+    assert all(5 <= w["n_frames"] <= 15 and w["fi"] == 2.0 for w in videos["msrvtt"].values())
+
+
+def test_frames_carry_who_where_what_in_time(toy_raw):
+    """Nearest prototype recovers each frame's character, location and action."""
+    protos = make_prototypes(stream_rng(0, 0))
+    hits = total = 0
+    for vid, w in world(toy_raw)["tv"].items():
+        resnet = load_npz(toy_raw, "resnet", "tv", vid).astype(np.float32)
+        slowfast = load_npz(toy_raw, "slowfast", "tv", vid).astype(np.float32)
+        for sc in w["scenes"]:
+            frames = slice(sc["start"], sc["end"])
+            hits += np.sum((resnet[frames] @ protos.char.T).argmax(1) == sc["char"])
+            hits += np.sum((resnet[frames] @ protos.loc.T).argmax(1) == sc["loc"])
+            hits += np.sum((slowfast[frames] @ protos.action.T).argmax(1) == sc["action"])
+            total += 3 * (sc["end"] - sc["start"])
+        assert all(a["action"] != b["action"] for a, b in zip(w["scenes"], w["scenes"][1:]))
+        assert len({sc["char"] for sc in w["scenes"]}) == len(w["scenes"])
+    assert hits / total > 0.99
+
+
+def test_subtitles_state_the_object_inside_the_scene_with_gaps(toy_raw):
+    subs = {x["vid_name"]: x["sub"]
+            for x in read_jsonl(toy_raw / "tvqa_preprocessed_subtitles.jsonl")}
+    for vid, w in world(toy_raw)["tv"].items():
+        starts = [s["start"] for s in subs[vid]]
+        assert starts == sorted(starts)
+        covered = sum(s["end"] - s["start"] for s in subs[vid])
+        assert covered < 0.8 * w["n_frames"] * w["fi"]
+        for sc in w["scenes"]:
+            lo, hi = sc["start"] * w["fi"], sc["end"] * w["fi"]
+            inside = [s["text"] for s in subs[vid] if lo <= s["start"] and s["end"] <= hi]
+            assert inside[0].startswith(f" {CHARACTERS[sc['char']]} : ")
+            assert OBJECTS[sc["obj"]] in inside[0]
+
+
+def scene_at(w: dict, ts) -> dict:
+    st, ed = ts
+    return next(sc for sc in w["scenes"]
+                if (sc["start"] * w["fi"], sc["end"] * w["fi"]) == (st, ed))
+
+
+def test_tvr_and_tvqa_point_at_scenes_and_need_both_modalities(toy_raw):
+    videos = world(toy_raw)["tv"]
+    for q in read_jsonl(toy_raw / "tvr_train_release.jsonl"):
+        sc = scene_at(videos[q["vid_name"]], q["ts"])
+        assert CHARACTERS[sc["char"]] in q["desc"] and q["ts"][1] - q["ts"][0] >= 4 * 1.5
+        assert (OBJECTS[sc["obj"]] in q["desc"]) == (q["type"] in ("t", "vt"))
+        assert (LOCATIONS[sc["loc"]] in q["desc"]) == (q["type"] in ("v", "vt"))
+    for q in read_jsonl(toy_raw / "tvqa_train.jsonl"):
+        sc = scene_at(videos[q["vid_name"]], [float(x) for x in q["ts"].split("-")])
+        answer = q[f"a{q['answer_idx']}"]
+        truth = {"The": OBJECTS[sc["obj"]], "In": LOCATIONS[sc["loc"]],
+                 }.get(answer.split()[0], ACTIONS[sc["action"]][2].capitalize())
+        assert truth in answer and len({q[f"a{k}"] for k in range(5)}) == 5
+    assert "answer_idx" not in read_jsonl(toy_raw / "tvqa_test_public.jsonl")[0]
+    assert "ts" not in read_jsonl(toy_raw / "tvr_test_public_release.jsonl")[0]
+
+
+def test_violin_false_statement_flips_one_fact(toy_raw):
+    videos = world(toy_raw)["violin"]
+    clips = json.loads((toy_raw / "violin" / "violin_annotation.json").read_text())
+    for clip in clips.values():
+        scenes = videos[clip["file"]]["scenes"]
+        for true, false in clip["statement"]:
+            def facts(s):
+                return [sc for sc in scenes if all(
+                    w in s for w in (CHARACTERS[sc["char"]], ACTIONS[sc["action"]][2],
+                                     LOCATIONS[sc["loc"]], OBJECTS[sc["obj"]]))]
+            assert facts(true) and not facts(false)
+            assert len(set(true.split()) ^ set(false.split())) == 2
+
+
+def test_didemo_times_are_segment_indices_around_the_scene(toy_raw):
+    videos = world(toy_raw)["didemo"]
+    anns = json.loads((toy_raw / "didemo" / "train_data.json").read_text())
+    for ann in anns:
+        w = videos[ann["video"].removesuffix(".mov")]
+        assert len(ann["times"]) == 4
+        n_seg = int(((w["n_frames"] - 0.5) * w["fi"]) // 5) + 1
+        assert all(0 <= a <= b < n_seg for a, b in ann["times"])
+
+
+def test_build_toy_dbs_produces_every_db(toy_raw, toy_dbs):
+    from data.txt_db import (CaptionTokLmdb, QaQueryTokLmdb, QueryTokLmdb, SubTokLmdb,
+                             VrQueryTokLmdb)
+    from data.video_db import VideoFeatLmdb
+
+    txt, vid, videos = toy_dbs / "txt_db", toy_dbs / "video_db", world(toy_raw)
+    split_of = {ds: {} for ds in DATASETS}
+    for ds in DATASETS:
+        for v, w in videos[ds].items():
+            split_of[ds].setdefault(w["split"], []).append(w)
+    for split in ("train", "val", "test_public"):
+        n_scenes = sum(len(w["scenes"]) for w in split_of["tv"][split])
+        assert len(QueryTokLmdb(str(txt / f"tvr_{split}.db")).ids) == n_scenes
+        assert len(QaQueryTokLmdb(str(txt / f"tvqa_{split}.db")).ids) == n_scenes
+    for split in ("train", "val"):
+        caps = CaptionTokLmdb(str(txt / f"tvc_{split}.db"))
+        assert len(caps.vid2caps) == len(split_of["tv"][split])
+    for split in ("train", "val", "test"):
+        n_clips = len(split_of["violin"][split])
+        assert len(QaQueryTokLmdb(str(txt / f"violin_{split}.db")).ids) == 6 * n_clips
+        assert QueryTokLmdb(str(txt / f"didemo_{split}.db")).ids
+        assert VrQueryTokLmdb(str(txt / f"msrvtt_{split}.db")).query_data
+    for ds, fi, compress in (("tv", 1.5, False), ("violin", 1.5, True), ("didemo", 1.5, False),
+                             ("msrvtt", 2, False)):
+        reader = VideoFeatLmdb(str(vid / ds), frame_interval=fi, compress=compress,
+                               max_clip_len=100)
+        assert reader.name2nframe == {v: w["n_frames"] for v, w in videos[ds].items()}
+        subs = SubTokLmdb(str(txt / f"{ds}_subtitles.db"), 100)
+        assert set(subs.id2len) == set(videos[ds])
+        name = sorted(videos[ds])[0]
+        expected = np.concatenate([load_npz(toy_raw, "resnet", ds, name)[:videos[ds][name]
+                                   ["n_frames"]], load_npz(toy_raw, "slowfast", ds, name)], 1)
+        np.testing.assert_array_equal(reader[name].numpy(), expected.astype(np.float32))
+    assert (txt / "tv_subtitles.db" / "vid2dur_idx.json").read_text() == \
+        (toy_raw / "tvr_video2dur_idx.json").read_text()
+    assert json.loads((txt / "pretrain_splits" / "tv_train.json").read_text()) == \
+        sorted(v for v, w in videos["tv"].items() if w["split"] == "train")
+    assert (txt / "tvc_val_release.jsonl").is_file()
+    assert not (toy_dbs.parent / "dbs.partial").exists()
