@@ -62,8 +62,8 @@ def test_tokenizer_keeps_roberta_special_ids(toy_raw):
                                  "MASK": 50264, "v_range": [4, 50261]}
     vocab = toker.get_vocab()
     assert len(vocab) == 50265 and max(vocab.values()) == 50264 < 50272
-    first_filler = vocab["<unused5>"] if "<unused5>" in vocab else min(
-        i for t, i in vocab.items() if t.startswith("<unused"))
+    first_filler = min(i for t, i in vocab.items() if t.startswith("<unused"))
+    assert vocab["<|endoftext|>"] == 50260 and first_filler < 1000
     for word in lexicon():
         ids = roberta_tokenize(toker, f"x {word}")[1:]
         assert len(ids) == 1 and 3 < ids[0] < first_filler, word
@@ -145,11 +145,17 @@ def test_tvr_and_tvqa_point_at_scenes_and_need_both_modalities(toy_raw):
     for q in read_jsonl(toy_raw / "tvqa_train.jsonl"):
         sc = scene_at(videos[q["vid_name"]], [float(x) for x in q["ts"].split("-")])
         answer = q[f"a{q['answer_idx']}"]
-        truth = {"The": OBJECTS[sc["obj"]], "In": LOCATIONS[sc["loc"]],
-                 }.get(answer.split()[0], ACTIONS[sc["action"]][2].capitalize())
-        assert truth in answer and len({q[f"a{k}"] for k in range(5)}) == 5
+        truths = {f"The {OBJECTS[sc['obj']]}.", f"In the {LOCATIONS[sc['loc']]}.",
+                  f"{ACTIONS[sc['action']][2].capitalize()}."}
+        assert answer in truths and len({q[f"a{k}"] for k in range(5)}) == 5
     assert "answer_idx" not in read_jsonl(toy_raw / "tvqa_test_public.jsonl")[0]
     assert "ts" not in read_jsonl(toy_raw / "tvr_test_public_release.jsonl")[0]
+
+
+def matching_scenes(text: str, scenes: list[dict]) -> list[dict]:
+    return [sc for sc in scenes if all(
+        w in text for w in (CHARACTERS[sc["char"]], ACTIONS[sc["action"]][2],
+                            LOCATIONS[sc["loc"]], OBJECTS[sc["obj"]]))]
 
 
 def test_violin_false_statement_flips_one_fact(toy_raw):
@@ -158,11 +164,7 @@ def test_violin_false_statement_flips_one_fact(toy_raw):
     for clip in clips.values():
         scenes = videos[clip["file"]]["scenes"]
         for true, false in clip["statement"]:
-            def facts(s):
-                return [sc for sc in scenes if all(
-                    w in s for w in (CHARACTERS[sc["char"]], ACTIONS[sc["action"]][2],
-                                     LOCATIONS[sc["loc"]], OBJECTS[sc["obj"]]))]
-            assert facts(true) and not facts(false)
+            assert matching_scenes(true, scenes) and not matching_scenes(false, scenes)
             assert len(set(true.split()) ^ set(false.split())) == 2
 
 
@@ -176,42 +178,59 @@ def test_didemo_times_are_segment_indices_around_the_scene(toy_raw):
         assert all(0 <= a <= b < n_seg for a, b in ann["times"])
 
 
-def test_build_toy_dbs_produces_every_db(toy_raw, toy_dbs):
-    from data.txt_db import (CaptionTokLmdb, QaQueryTokLmdb, QueryTokLmdb, SubTokLmdb,
-                             VrQueryTokLmdb)
-    from data.video_db import VideoFeatLmdb
+def videos_of(raw: Path, ds: str, split: str) -> list[dict]:
+    return [w for w in world(raw)[ds].values() if w["split"] == split]
 
-    txt, vid, videos = toy_dbs / "txt_db", toy_dbs / "video_db", world(toy_raw)
-    split_of = {ds: {} for ds in DATASETS}
-    for ds in DATASETS:
-        for v, w in videos[ds].items():
-            split_of[ds].setdefault(w["split"], []).append(w)
+
+def test_built_tv_text_dbs_hold_one_item_per_scene(toy_raw, toy_dbs):
+    from data.txt_db import CaptionTokLmdb, QaQueryTokLmdb, QueryTokLmdb
+
+    txt = toy_dbs / "txt_db"
     for split in ("train", "val", "test_public"):
-        n_scenes = sum(len(w["scenes"]) for w in split_of["tv"][split])
+        n_scenes = sum(len(w["scenes"]) for w in videos_of(toy_raw, "tv", split))
         assert len(QueryTokLmdb(str(txt / f"tvr_{split}.db")).ids) == n_scenes
         assert len(QaQueryTokLmdb(str(txt / f"tvqa_{split}.db")).ids) == n_scenes
     for split in ("train", "val"):
         caps = CaptionTokLmdb(str(txt / f"tvc_{split}.db"))
-        assert len(caps.vid2caps) == len(split_of["tv"][split])
+        assert len(caps.vid2caps) == len(videos_of(toy_raw, "tv", split))
+    assert (txt / "tvc_val_release.jsonl").is_file()
+    assert (txt / "tvc_test_public_release.jsonl").is_file()
+    assert json.loads((txt / "pretrain_splits" / "tv_train.json").read_text()) == \
+        sorted(v for v, w in world(toy_raw)["tv"].items() if w["split"] == "train")
+
+
+def test_built_violin_didemo_msrvtt_dbs(toy_raw, toy_dbs):
+    from data.txt_db import QaQueryTokLmdb, QueryTokLmdb, VrQueryTokLmdb
+
+    txt = toy_dbs / "txt_db"
     for split in ("train", "val", "test"):
-        n_clips = len(split_of["violin"][split])
+        n_clips = len(videos_of(toy_raw, "violin", split))
         assert len(QaQueryTokLmdb(str(txt / f"violin_{split}.db")).ids) == 6 * n_clips
-        assert QueryTokLmdb(str(txt / f"didemo_{split}.db")).ids
+        didemo = QueryTokLmdb(str(txt / f"didemo_{split}.db"))
+        assert didemo.ids and all(len(didemo.query_data[q]["ts"]) == 4 for q in didemo.ids)
         assert VrQueryTokLmdb(str(txt / f"msrvtt_{split}.db")).query_data
+    test_keys = VrQueryTokLmdb(str(txt / "msrvtt_test.db")).ids
+    assert test_keys == [f"ret{k}" for k in range(len(videos_of(toy_raw, "msrvtt", "test")))]
+
+
+def test_built_video_and_subtitle_dbs_match_the_corpus(toy_raw, toy_dbs):
+    from data.txt_db import SubTokLmdb
+    from data.video_db import VideoFeatLmdb
+
+    videos = world(toy_raw)
     for ds, fi, compress in (("tv", 1.5, False), ("violin", 1.5, True), ("didemo", 1.5, False),
                              ("msrvtt", 2, False)):
-        reader = VideoFeatLmdb(str(vid / ds), frame_interval=fi, compress=compress,
-                               max_clip_len=100)
+        reader = VideoFeatLmdb(str(toy_dbs / "video_db" / ds), frame_interval=fi,
+                               compress=compress, max_clip_len=100)
         assert reader.name2nframe == {v: w["n_frames"] for v, w in videos[ds].items()}
-        subs = SubTokLmdb(str(txt / f"{ds}_subtitles.db"), 100)
+        subs = SubTokLmdb(str(toy_dbs / "txt_db" / f"{ds}_subtitles.db"), 100)
         assert set(subs.id2len) == set(videos[ds])
         name = sorted(videos[ds])[0]
-        expected = np.concatenate([load_npz(toy_raw, "resnet", ds, name)[:videos[ds][name]
-                                   ["n_frames"]], load_npz(toy_raw, "slowfast", ds, name)], 1)
+        n = videos[ds][name]["n_frames"]
+        expected = np.concatenate([load_npz(toy_raw, "resnet", ds, name)[:n],
+                                   load_npz(toy_raw, "slowfast", ds, name)], axis=1)
         np.testing.assert_array_equal(reader[name].numpy(), expected.astype(np.float32))
-    assert (txt / "tv_subtitles.db" / "vid2dur_idx.json").read_text() == \
+    assert (toy_dbs / "video_db" / "msrvtt" / "resnet_slowfast_2").is_dir()
+    assert (toy_dbs / "txt_db" / "tv_subtitles.db" / "vid2dur_idx.json").read_text() == \
         (toy_raw / "tvr_video2dur_idx.json").read_text()
-    assert json.loads((txt / "pretrain_splits" / "tv_train.json").read_text()) == \
-        sorted(v for v, w in videos["tv"].items() if w["split"] == "train")
-    assert (txt / "tvc_val_release.jsonl").is_file()
     assert not (toy_dbs.parent / "dbs.partial").exists()

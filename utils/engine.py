@@ -1,0 +1,325 @@
+"""The training engine shared by every entry script (training.md §3, §3.8, §4.7).
+
+An entry script describes its task with a small :class:`TrainTask` (model, training loaders,
+per-micro-batch loss, schedule switches, validation, three per-script flags) and calls
+``Trainer(task, opts).run()``. The engine owns everything else: process setup, seeding, the
+output-directory policy, run metadata, the DDP wrap, optimizer, mixed precision, accumulation,
+the all-reduce, clipping, the LR schedule, logging, validation cadence, checkpoints and resume.
+
+Gradient semantics are upstream's (§3.7, P11): each micro-batch loss is the model's *mean* loss,
+**not** divided by ``gradient_accumulation_steps``; gradients are summed over micro-batches and
+summed (not averaged) over ranks (:mod:`utils.dist_setup`); the global norm of that sum is clipped
+to ``grad_norm`` (the pre-clip norm is logged as ``grad_norm``); ``global_step`` is incremented
+before the LR is computed, and the LR is written into all 4 groups every update, with
+``lr_mul`` applied to groups 0-1 only where the task says upstream honours it (P3).
+``zero_grad`` fills gradients with zeros instead of ``None``, as upstream's PyTorch 1.x/apex did:
+a parameter that has received a gradient once keeps being stepped by Adam on later updates of
+other tasks (its moments decay), which changes multi-task pretraining numbers if not reproduced.
+
+Mixed precision. ``--fp16``: ``torch.autocast(float16)`` plus one ``torch.amp.GradScaler`` per
+training task (upstream's ``num_losses``; apex defaults: scale 2^16, halve and skip on inf/NaN,
+double after 2000 clean steps); skipped updates are counted and logged. ``--bf16``: autocast
+bfloat16, no scaler. Both work on CPU. Difference from apex O2 (§8 question 3): O2 kept fp16
+weights and activations everywhere (LayerNorm and softmax included) with an fp32 master copy in
+the optimizer; here the weights *are* the fp32 master copy and autocast runs matmuls in fp16
+while keeping LayerNorm, softmax and the losses in fp32. The optimizer sees the same fp32
+update; only the rounding of forward activations differs (slightly *more* accurate here), so
+losses and metrics stay comparable but are not bit-identical. Gradients are all-reduced while
+still scaled, then unscaled, as upstream.
+
+Checkpoints and resume. ``ckpt/model_step_<N>.pt`` at every validation; a full training state
+(model, optimizer, scalers, meters, data positions, RNG of every rank) every ``save_steps``
+as ``ckpt/train_state_<N>.pt``; the two newest are kept. ``--resume`` continues from the newest
+bit-for-bit (upstream's resume was lossy, P15): the data side is in :mod:`data.resumable`, and
+validation runs under a saved-and-restored RNG so training randomness does not depend on when
+validation happens. On resume ``log/hps.json`` must equal the current options (the keys that
+differ are listed; ``resume`` and ``overwrite`` themselves are ignored).
+
+Deliberate deviation (P14): training-loss scalars are logged at the same TensorBoard step as
+``lr`` and ``grad_norm`` (upstream wrote them one step behind).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from config.config import ConfigError, add_bool
+from data.loader import MetaLoader
+from data.resumable import load_loaders_state, loaders_state_dict
+from model.layers import set_dropout
+from optim.misc import build_optimizer
+from optim.sched import get_lr_sched, set_lr
+from utils.dist_setup import (
+    any_rank,
+    init_distributed,
+    maybe_no_sync,
+    wrap_model,
+)
+from utils.distributed import all_gather_object, broadcast_object
+from utils.logger import TB_LOGGER, RunningMeter, setup_logging
+from utils.save import (
+    ModelSaver,
+    latest_training_state,
+    load_training_state,
+    rng_state,
+    save_training_meta,
+    save_training_state,
+    set_rng_state,
+)
+
+LOGGER = logging.getLogger(__name__)
+RUN_CONTROL_KEYS = ("resume", "overwrite")
+KEEP_TRAIN_STATES = 2
+PERF_EVERY = 100
+ID_KEYS = ("vids", "qids", "vid_names", "q_ids", "clip_ids")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss was NaN or infinite; training stopped before the optimizer step."""
+
+
+def add_run_args(parser) -> None:
+    """Flags the engine adds to every script's parser (call before parsing)."""
+    add_bool(parser, "resume", help="continue from the newest ckpt/train_state_*.pt")
+    add_bool(parser, "overwrite", help="allow an output_dir that already holds a run")
+    parser.add_argument("--log_steps", type=int, default=100,
+                        help="write the running losses to log/log.txt every N updates")
+
+
+class TrainTask:
+    """What an entry script supplies. Override the methods; set the three upstream flags.
+
+    ``honour_lr_mul``: upstream applies ``lr_mul`` to groups 0-1 (videoQA, violin, tvc).
+    ``restore_before_validation``: the training state is saved before validation (videoQA,
+    violin) rather than after it (pretrain, vcmr, vr).
+    ``final_ckpt_suffix``: ``None`` saves ``model_step_N`` at the end only if the last step did
+    not already validate (pretrain, tvc); a string such as ``"_final"`` always saves
+    ``model_step_N<suffix>`` (vcmr, vr, videoQA, violin).
+    """
+
+    honour_lr_mul = False
+    restore_before_validation = False
+    final_ckpt_suffix: str | None = None
+    find_unused_parameters = True
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.device = torch.device("cpu")
+
+    def required_paths(self) -> dict:
+        """flag -> path that must exist (checked before anything is built)."""
+        return {}
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def build_train_loaders(self) -> dict:
+        """name -> (loader, ratio); use :func:`data.resumable.build_resumable_loader`."""
+        raise NotImplementedError
+
+    def compute_loss(self, model, task: str, batch):
+        """(scalar mean loss, {component: value to log}) for one micro-batch."""
+        raise NotImplementedError
+
+    def schedule(self, model, global_step: int) -> None:
+        """Schedule switches, called before every micro-batch (§3.8 step 1)."""
+
+    def validate(self, model, global_step: int, final: bool = False) -> dict:
+        """TensorBoard key -> value; runs on every rank with the model in eval mode."""
+        return {}
+
+
+def set_random_seed(seed: int) -> None:
+    """Same seed on every rank for Python, NumPy and torch (§3.2)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def describe_batch(batch) -> str:
+    """Keys and, where present, the item ids of a batch (for error messages)."""
+    if not isinstance(batch, dict):
+        return f"batch of type {type(batch).__name__}"
+    ids = {k: list(batch[k])[:8] for k in ID_KEYS if k in batch}
+    return f"batch keys [{', '.join(map(str, batch))}]" + (f", ids {ids}" if ids else "")
+
+
+def options_json(opts) -> dict:
+    """The options as ``hps.json`` stores them (JSON round trip)."""
+    return json.loads(json.dumps(vars(opts), default=str))
+
+
+def hps_differences(saved: dict, current: dict) -> list:
+    keys = (set(saved) | set(current)) - set(RUN_CONTROL_KEYS)
+    return sorted(k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+
+
+def check_required_paths(paths: dict) -> None:
+    missing = [f"--{flag} {path}" for flag, path in paths.items()
+               if path is not None and not Path(path).exists()]
+    if missing:
+        raise ConfigError("path(s) not found: " + "; ".join(missing))
+
+
+@contextlib.contextmanager
+def forked_rng():
+    """Run a block without changing Python/NumPy/torch RNG states seen afterwards."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def plan_output_dir(opts) -> Path | None:
+    """Apply the output-dir policy; return the training state to resume from, if any.
+
+    A directory holding another run (``log/hps.json`` or checkpoints) is refused unless
+    ``--resume`` (continue it; options must match ``hps.json``) or ``--overwrite`` (start over;
+    its stale training states are deleted so a later ``--resume`` cannot pick them up).
+    """
+    out = Path(opts.output_dir)
+    hps, ckpt = out / "log" / "hps.json", out / "ckpt"
+    has_run = hps.is_file() or any(ckpt.glob("*.pt"))
+    if opts.resume:
+        if hps.is_file():
+            diff = hps_differences(json.loads(hps.read_text()), options_json(opts))
+            if diff:
+                raise ConfigError(f"--resume: options differ from {hps} in keys: "
+                                  f"{', '.join(diff)}")
+        path = latest_training_state(ckpt) if ckpt.is_dir() else None
+        if path is None:
+            LOGGER.warning("--resume: no training state in %s; starting from step 0", ckpt)
+        return path
+    if has_run and not opts.overwrite:
+        raise ConfigError(f"output_dir {out} already holds a run ({hps if hps.is_file() else ckpt}"
+                          "); pass --resume to continue it or --overwrite to start over in it")
+    if has_run:
+        stale = list(ckpt.glob("train_state_*.pt"))
+        for path in stale:
+            path.unlink()
+        LOGGER.info("--overwrite: reusing %s; deleted %d stale training state(s)", out,
+                    len(stale))
+    return None
+
+
+class Trainer:
+    """Runs a :class:`TrainTask` under upstream's training-loop semantics (see module doc)."""
+
+    def __init__(self, task: TrainTask, opts):
+        self.task, self.opts = task, opts
+        self.global_step = 0
+        self.meters: dict[str, RunningMeter] = {}
+        self.examples = defaultdict(int)
+        self.overflows = defaultdict(int)
+        self.scalers: dict = {}
+        self.bad_loss = None
+        self.pbar = None
+        self._log_file = None
+
+    # ------------------------------------------------------------------ entry point
+    def run(self):
+        """Set up, train until ``num_train_steps``, final validation/save; returns the model."""
+        try:
+            self.setup()
+            self.train()
+            self.finish()
+        finally:
+            self.close()
+        return self.model
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        opts = self.opts
+        self.ctx = init_distributed()
+        self.device = self.task.device = self.ctx.device
+        opts.n_gpu = self.ctx.world_size
+        setup_logging(None, self.ctx.rank)
+        self._check_options()
+        set_random_seed(opts.seed)
+        resume_path = self._plan_output_dir()
+        self._open_logs()
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, opts)
+        self.name2loader = self._build_loaders()
+        self.scalers = self._build_scalers()
+        state = self._load_state(resume_path) if resume_path else None
+        save_training_meta(opts, opts.output_dir)
+        self.saver = ModelSaver(Path(opts.output_dir) / "ckpt")
+        self.ddp = wrap_model(self.model, self.ctx, self.task.find_unused_parameters)
+        self.meta_loader = MetaLoader(self.name2loader, opts.gradient_accumulation_steps,
+                                      distributed=self.ctx.distributed)
+        if state is not None:
+            self._restore_data_and_rng(state)
+
+    def _check_options(self) -> None:
+        opts = self.opts
+        if not getattr(opts, "output_dir", None):
+            raise ConfigError("--output_dir is required")
+        if getattr(opts, "fp16", False) and getattr(opts, "bf16", False):
+            raise ConfigError("--fp16 and --bf16 are exclusive; pick one")
+        for key in ("resume", "overwrite"):
+            setattr(opts, key, bool(getattr(opts, key, False)))
+        check_required_paths(self.task.required_paths())
+
+    def _plan_output_dir(self) -> Path | None:
+        """Rank 0 applies the policy; every rank gets its verdict (error or state path)."""
+        verdict = None
+        if self.ctx.rank == 0:
+            try:
+                verdict = ("ok", plan_output_dir(self.opts))
+            except ConfigError as exc:
+                verdict = ("error", str(exc))
+        kind, value = broadcast_object(verdict)
+        if kind == "error":
+            raise ConfigError(value)
+        return value
+
+    def _open_logs(self) -> None:
+        log_dir = Path(self.opts.output_dir) / "log"
+        if self.ctx.rank == 0:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._log_file = str((log_dir / "log.txt").resolve())
+        setup_logging(log_dir, self.ctx.rank)
+        TB_LOGGER.open(log_dir)
+
+    def _build_model(self):
+        model = self.task.build_model().to(self.device)
+        set_dropout(model, self.opts.dropout)
+        return model
+
+    def _build_loaders(self) -> dict:
+        loaders = self.task.build_train_loaders()
+        name2loader, plain = {}, []
+        for name, value in loaders.items():
+            loader, ratio = value if isinstance(value, tuple) else (value, 1)
+            name2loader[name] = (loader, ratio)
+            if not hasattr(loader, "state_dict"):
+                plain.append(name)
+        if plain:
+            LOGGER.warning("loaders without a saveable position (resume restarts their epoch):"
+                           " %s", ", ".join(plain))
+        self._loaders = {name: loader for name, (loader, _) in name2loader.items()}
+        return name2loader
+
+    def _build_scalers(self) -> dict:
+        if not self.opts.fp16:
+            return {}
+        return {name: torch.amp.GradScaler(self.device.type) for name in self._loaders}
+
+    def _autocast(self):
+        if self.opts.fp16:
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        if getattr(self.opts, "bf16", False):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
