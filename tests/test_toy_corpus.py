@@ -190,6 +190,9 @@ def test_built_tv_text_dbs_hold_one_item_per_scene(toy_raw, toy_dbs):
         n_scenes = sum(len(w["scenes"]) for w in videos_of(toy_raw, "tv", split))
         assert len(QueryTokLmdb(str(txt / f"tvr_{split}.db")).ids) == n_scenes
         assert len(QaQueryTokLmdb(str(txt / f"tvqa_{split}.db")).ids) == n_scenes
+    test_ids = json.loads((txt / "tvr_test_public.db" / "video_ids.json").read_text())
+    assert test_ids == sorted(v for v, w in world(toy_raw)["tv"].items()
+                              if w["split"] == "test_public")
     for split in ("train", "val"):
         caps = CaptionTokLmdb(str(txt / f"tvc_{split}.db"))
         assert len(caps.vid2caps) == len(videos_of(toy_raw, "tv", split))

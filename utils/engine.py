@@ -323,3 +323,217 @@ class Trainer:
         if getattr(self.opts, "bf16", False):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ training state
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
+                "meters": {k: m.state_dict() for k, m in self.meters.items()},
+                "data": {"meta_step": self.meta_loader.step,
+                         "loaders": loaders_state_dict(self._loaders)},
+                "examples": dict(self.examples), "overflows": dict(self.overflows)}
+
+    def _save_state(self) -> None:
+        ckpt = Path(self.opts.output_dir) / "ckpt"
+        path = save_training_state(ckpt, self.global_step, self._state())
+        if self.ctx.rank == 0:
+            states = sorted(ckpt.glob("train_state_*.pt"),
+                            key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+            for old in states[:-KEEP_TRAIN_STATES]:
+                old.unlink()
+            LOGGER.info("saved training state %s", path)
+
+    def _load_state(self, path) -> dict:
+        state = load_training_state(path, self.ctx.world_size, self.ctx.rank)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, scaler_state in state["scalers"].items():
+            self.scalers[name].load_state_dict(scaler_state)
+        for name, meter_state in state["meters"].items():
+            self.meters[name] = RunningMeter(name, meter_state["smooth"])
+            self.meters[name].load_state_dict(meter_state)
+        self.examples.update(state["examples"])
+        self.overflows.update(state["overflows"])
+        self.global_step = int(state["global_step"])
+        LOGGER.info("resumed from %s at update %d", path, self.global_step)
+        return state
+
+    def _restore_data_and_rng(self, state) -> None:
+        """Last step of setup: nothing may consume RNG between this and the first batch."""
+        self.meta_loader.step = state["data"]["meta_step"]
+        missing = load_loaders_state(self._loaders, state["data"]["loaders"])
+        if missing:
+            LOGGER.warning("no saved position for loader(s) %s", ", ".join(missing))
+        set_rng_state(state["rng_this_rank"])
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        opts = self.opts
+        self.pbar = tqdm(total=opts.num_train_steps, initial=self.global_step, desc="train",
+                         disable=self.ctx.rank != 0, dynamic_ncols=True)
+        self.t_start, self.start_examples = time.time(), dict(self.examples)
+        if self.global_step >= opts.num_train_steps:
+            LOGGER.info("already at update %d of %d", self.global_step, opts.num_train_steps)
+            return
+        self.model.train()
+        accum = opts.gradient_accumulation_steps
+        for name, batch in self.meta_loader:
+            last = self.meta_loader.step % accum == 0
+            self._micro_step(name, batch, last)
+            if last:
+                self._update(name)
+                if self.global_step >= opts.num_train_steps:
+                    break
+
+    def _micro_step(self, name: str, batch, last: bool) -> None:
+        self.task.schedule(self.model, self.global_step)
+        with maybe_no_sync(self.ddp, sync=last):
+            with self._autocast():
+                loss, components = self.task.compute_loss(self.ddp, name, batch)
+            self._record_loss(name, loss, components, batch)
+            scaler = self.scalers.get(name)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        self.examples[name] += self.opts.train_batch_size
+
+    def _record_loss(self, name, loss, components, batch) -> None:
+        value = loss.item()
+        if not math.isfinite(value):
+            if self.bad_loss is None:
+                self.bad_loss = (f"rank {self.ctx.rank}: loss {value} at update "
+                                 f"{self.global_step + 1} (micro-batch {self.meta_loader.step}),"
+                                 f" task {name}, {describe_batch(batch)}")
+            return
+        self._meter(f"loss/{name}", value)
+        for key, comp in components.items():
+            self._meter(f"loss/{name}_{key}", float(comp))
+
+    def _meter(self, key: str, value: float) -> None:
+        if key not in self.meters:
+            self.meters[key] = RunningMeter(key)
+        self.meters[key](value)
+
+    def _update(self, name: str) -> None:
+        if any_rank(self.bad_loss is not None, self.device):
+            self._raise_non_finite()
+        opts = self.opts
+        self.global_step += 1
+        lr = get_lr_sched(self.global_step, opts)
+        set_lr(self.optimizer, lr, opts.lr_mul if self.task.honour_lr_mul else 1.0)
+        scaler = self.scalers.get(name)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if opts.grad_norm != -1:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_norm).item()
+        self._optimizer_step(name, scaler)
+        self.optimizer.zero_grad(set_to_none=False)
+        self._log_update(name, lr, grad_norm)
+        self._after_update()
+
+    def _optimizer_step(self, name: str, scaler) -> None:
+        if scaler is None:
+            self.optimizer.step()
+            return
+        before = scaler.get_scale()
+        scaler.step(self.optimizer)
+        scaler.update()
+        if scaler.get_scale() < before:
+            self.overflows[name] += 1
+            LOGGER.info("fp16 overflow at update %d (task %s): update skipped, loss scale %g "
+                        "-> %g (%d skipped so far)", self.global_step, name, before,
+                        scaler.get_scale(), self.overflows[name])
+
+    def _raise_non_finite(self):
+        reports = [r for r in all_gather_object(self.bad_loss) if r]
+        raise NonFiniteLossError(
+            "non-finite training loss; stopped before the optimizer step, nothing saved for "
+            f"this update (last checkpoints are in {Path(self.opts.output_dir) / 'ckpt'}): "
+            + "; ".join(reports))
+
+    # ------------------------------------------------------------------ logging
+    def _log_update(self, name: str, lr: float, grad_norm) -> None:
+        step = self.global_step
+        TB_LOGGER.set_step(step)
+        TB_LOGGER.add_scalar("lr", lr)
+        if grad_norm is not None:
+            TB_LOGGER.add_scalar("grad_norm", grad_norm)
+        for key, meter in self.meters.items():
+            TB_LOGGER.add_scalar(key, meter.val)
+        if name in self.scalers:
+            TB_LOGGER.add_scalar(f"loss_scale/{name}", self.scalers[name].get_scale())
+        self.pbar.update(1)
+        self.pbar.set_postfix(task=name, loss=f"{self.meters[f'loss/{name}'].val:.4f}",
+                              lr=f"{lr:.2e}", refresh=False)
+        if step % max(1, getattr(self.opts, "log_steps", 100)) == 0:
+            losses = " ".join(f"{k} {m.val:.6g}" for k, m in sorted(self.meters.items()))
+            norm = "" if grad_norm is None else f" grad_norm {grad_norm:.6g}"
+            LOGGER.info("update %d/%d task %s lr %.6g%s %s", step, self.opts.num_train_steps,
+                        name, lr, norm, losses)
+        if step % PERF_EVERY == 0:
+            self._log_throughput()
+
+    def _log_throughput(self) -> None:
+        """``perf/{task}_ex_per_s``: examples of all ranks since this session started."""
+        elapsed = max(time.time() - self.t_start, 1e-9)
+        totals = defaultdict(int)
+        for counts in all_gather_object(dict(self.examples)):
+            for name, n in counts.items():
+                totals[name] += n - self.start_examples.get(name, 0)
+        for name, n in totals.items():
+            TB_LOGGER.add_scalar(f"perf/{name}_ex_per_s", n / elapsed)
+
+    # ------------------------------------------------------------------ cadence
+    def _after_update(self) -> None:
+        if self.task.restore_before_validation:
+            self._maybe_save_state()
+            self._maybe_validate()
+        else:
+            self._maybe_validate()
+            self._maybe_save_state()
+
+    def _maybe_validate(self) -> None:
+        if self.global_step % self.opts.valid_steps == 0:
+            self._validate(final=False)
+            self.saver.save(self.model, self.global_step)
+
+    def _maybe_save_state(self) -> None:
+        save_steps = getattr(self.opts, "save_steps", None)
+        if save_steps and self.global_step % save_steps == 0:
+            self._save_state()
+
+    def _validate(self, final: bool) -> None:
+        """Task validation in eval mode, under autocast, without touching training RNG."""
+        LOGGER.info("validation at update %d%s", self.global_step, " (final)" if final else "")
+        with forked_rng(), self._autocast():
+            self.model.eval()
+            try:
+                metrics = self.task.validate(self.model, self.global_step, final=final)
+            finally:
+                self.model.train()
+        for key, value in (metrics or {}).items():
+            TB_LOGGER.add_scalar(key, value, self.global_step)
+            LOGGER.info("  %s: %.6g", key, value)
+
+    def finish(self) -> None:
+        """After the loop (§3.8): final validation/save per ``final_ckpt_suffix``."""
+        step, suffix = self.global_step, self.task.final_ckpt_suffix
+        if step % self.opts.valid_steps != 0:
+            self._validate(final=True)
+            if suffix is None:
+                self.saver.save(self.model, step)
+        if suffix is not None:
+            self.saver.save(self.model, step, suffix)
+        skipped = sum(self.overflows.values())
+        LOGGER.info("training finished at update %d; fp16 updates skipped: %d %s", step,
+                    skipped, dict(self.overflows) if skipped else "")
+
+    def close(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+        TB_LOGGER.close()
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers
+                        if getattr(h, "baseFilename", None) == self._log_file]:
+            root.removeHandler(handler)
+            handler.close()

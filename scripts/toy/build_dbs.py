@@ -15,6 +15,10 @@ transformers start-up per script is saved.  Layout of ``OUT``::
               msrvtt/ (resnet_slowfast_2), each with id2nframe.json
     ann/      the jsonl files the VIOLIN / DiDeMo / MSR-VTT converters wrote
 
+``tvr_test_public.db`` also gets ``video_ids.json`` (the test_public videos of
+``tvr_video2dur_idx.json``, sorted): its ``query2video.json`` is empty because the test queries
+carry no ``vid_name``, and the loaders fall back to that list (data.md pitfall 27, open q 10).
+
 Everything is written to ``OUT.partial`` and renamed at the end, so a failed build leaves no
 half-made ``OUT`` and can be re-run.  MSR-VTT's LMDB folder is renamed from the converter's
 ``resnet_slowfast_2.0`` (argparse float) to the released ``resnet_slowfast_2`` (pitfall 17).
@@ -22,6 +26,7 @@ half-made ``OUT`` and can be re-run.  MSR-VTT's LMDB folder is renamed from the 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -72,7 +77,10 @@ def tv_txt_dbs(raw: Path, txt: Path, toker: Path) -> None:
     run(prepro_sub, "--annotation", subs, "--vid2nframe", raw / "tv_vid2nframe.json",
         "--frame_length", 1.5, "--output", txt / "tv_subtitles.db", "--toker", toker,
         "--task", "tv")
-    shutil.copy(raw / "tvr_video2dur_idx.json", txt / "tv_subtitles.db" / "vid2dur_idx.json")
+    dur_idx = raw / "tvr_video2dur_idx.json"
+    shutil.copy(dur_idx, txt / "tv_subtitles.db" / "vid2dur_idx.json")
+    test_videos = sorted(json.loads(dur_idx.read_text())["test_public"])
+    (txt / "tvr_test_public.db" / "video_ids.json").write_text(json.dumps(test_videos))
     for split in ("train", "val"):
         run(prepro_tvc, "--annotation", raw / f"tvc_{split}_release.jsonl",
             "--subtitles", subs, "--output", txt / f"tvc_{split}.db", "--toker", toker)
