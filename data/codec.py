@@ -56,10 +56,41 @@ def decode_txt(value, where: str = "") -> object:
     if value is None:
         raise RecordDecodeError(f"missing record {where}")
     try:
-        raw = lz4.frame.decompress(bytes(value))
+        raw = lz4.frame.decompress(value)
         return msgpack.loads(raw, raw=False, strict_map_key=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the location attached
         raise RecordDecodeError(f"cannot decode text record {where}: {exc}") from exc
+
+
+def _unpack_fields(raw: bytes, fields) -> dict:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(raw))
+    unpacker.feed(raw)
+    found = {}
+    for _ in range(unpacker.read_map_header()):
+        key = unpacker.unpack()
+        if key in fields:
+            found[key] = unpacker.unpack()
+        else:
+            unpacker.skip()
+    return found
+
+
+def decode_txt_fields(value, fields, where: str = "") -> dict:
+    """Only ``fields`` of a text record (a str-keyed map), skipping the rest undecoded.
+
+    Several times faster than :func:`decode_txt` on subtitle records, whose raw subtitles and
+    token lists are not needed when ``SubTokLmdb`` scans every video at construction.
+    """
+    if value is None:
+        raise RecordDecodeError(f"missing record {where}")
+    try:
+        found = _unpack_fields(lz4.frame.decompress(value), frozenset(fields))
+    except Exception as exc:  # noqa: BLE001 - re-raised with the location attached
+        raise RecordDecodeError(f"cannot decode text record {where}: {exc}") from exc
+    missing = [f for f in fields if f not in found]
+    if missing:
+        raise RecordDecodeError(f"text record {where} lacks the field(s) {missing}")
+    return found
 
 
 def encode_video(features: np.ndarray, compress: bool = False) -> bytes:
@@ -80,7 +111,7 @@ def decode_video(value, compress: bool = False, where: str = "") -> np.ndarray:
             with np.load(io.BytesIO(bytes(value)), allow_pickle=False) as npz:
                 feats = npz["features"]
         else:
-            rec = msgpack.loads(bytes(value), raw=False, strict_map_key=False,
+            rec = msgpack.loads(value, raw=False, strict_map_key=False,
                                 object_hook=_decode_ndarray)
             feats = rec["features"]
     except Exception as exc:  # noqa: BLE001 - re-raised with the location attached

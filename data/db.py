@@ -20,7 +20,7 @@ import os
 
 import lmdb
 
-from data.codec import decode_txt, encode_txt, encode_video
+from data.codec import decode_txt, decode_txt_fields, encode_txt, encode_video
 
 TXT_MAP_SIZE = 4 * 1024 ** 4
 VIDEO_MAP_SIZE = 1024 ** 4
@@ -125,6 +125,10 @@ class LazyLmdb:
     def get_txt(self, key: str):
         """Decoded text record; a missing or corrupt one raises RecordDecodeError(path[key])."""
         return decode_txt(self.get(key), where=f"{self.path}[{key!r}]")
+
+    def get_fields(self, key: str, fields) -> dict:
+        """Only ``fields`` of a text record (see ``decode_txt_fields``); errors name path[key]."""
+        return decode_txt_fields(self.get(key), fields, where=f"{self.path}[{key!r}]")
 
     def __len__(self) -> int:
         return self.txn.stat()["entries"]

@@ -50,7 +50,8 @@ class MetaLoader:
 
     The same task is used for every micro-step of an accumulation cycle (the per-task loss
     scaler needs it). An exhausted loader is re-iterated (a new shuffled epoch) and its first
-    batch returned. Iteration never ends.
+    batch returned. Iteration never ends. A ratio of 0 keeps the task out of the pool (as
+    upstream's ``[name] * 0``), which is how a config switches a task off.
     """
 
     def __init__(self, loaders, accum_steps: int = 1, distributed: bool = False):
@@ -61,12 +62,15 @@ class MetaLoader:
         self.sampling_pools = []
         for name, value in loaders.items():
             loader, ratio = value if isinstance(value, tuple) else (value, 1)
-            if not isinstance(ratio, int) or ratio < 1:
-                raise ValueError(f"MetaLoader: ratio of task {name!r} must be a positive int, "
+            if not isinstance(ratio, int) or ratio < 0:
+                raise ValueError(f"MetaLoader: ratio of task {name!r} must be an int >= 0, "
                                  f"got {ratio!r}")
             self.name2loader[name] = loader
             self.name2iter[name] = iter(loader)
             self.sampling_pools.extend([name] * ratio)
+        if not self.sampling_pools:
+            raise ValueError(f"MetaLoader: every task ratio is 0 ({list(loaders)}); "
+                             "nothing to sample")
         self.accum_steps = accum_steps
         self.distributed = distributed
         self.step = 0

@@ -9,8 +9,9 @@ those **clip frames**, not over caption tokens.
 Quirks reproduced: clips starting after ``n·fi`` (150 s for ``max_clip_len`` 100) get the empty
 range ``st = ed = n``; caption input ``[BOS]+tokens`` and target ``tokens+[EOS]`` are truncated
 independently by the caption reader, so long targets lose their EOS; text pad is hard-coded 1,
-target pad −1. Errors: a video missing from the video/subtitle DBs, or an empty caption, stop
-with the id and the file at fault.
+target pad −1; an empty caption is a valid item (input ``[BOS]``, target ``[EOS]``), as
+upstream. Errors: a video missing from the video/subtitle DBs stops with the id and the file
+at fault.
 """
 from __future__ import annotations
 
@@ -59,20 +60,13 @@ class TvcTrainDataset(Dataset):
             cap_ids = random.sample(cap_ids, self.max_cap_per_vid)
         return cap_ids
 
-    def _caption(self, cap_id):
-        example = self.caption_db[cap_id]
-        if len(example["tgt_ids"]) == 0 or example["tgt_ids"].tolist() == [self.caption_db.eos]:
-            raise ValueError(f"caption {cap_id} in {db_name(self.caption_db)}/cap.db is empty "
-                             f"(desc {example.get('desc')!r})")
-        return example
-
     def __getitem__(self, i):
         vid = self.vids[i]
         video_inputs = self.video_db[vid]
         num_frames = len(video_inputs[3])
         input_ids, tgt_ids, attn_masks, clip_ranges = [], [], [], []
         for cap_id in self._caption_ids(vid):
-            example = self._caption(cap_id)
+            example = self.caption_db[cap_id]
             clip_range, mask = clip_range_mask(example["ts"], self.frame_interval, num_frames)
             input_ids.append(example["input_ids"])
             tgt_ids.append(example["tgt_ids"])

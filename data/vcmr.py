@@ -92,8 +92,9 @@ class VcmrDataset(Dataset):
     """Training/loss-validation VCMR set; one query per item by default (``sampled_by_q``).
 
     With ``sampled_by_q=False`` (unused by the configs) items are videos, each with its first
-    ``max_num_query`` queries topped up by random draws *with replacement* from its own queries
-    (upstream's draw could fail for videos with very few queries).
+    ``max_num_query`` queries topped up by a ``random.sample`` (no replacement) of its own
+    queries. Decision: where such a sample is impossible (fewer own queries than the gap;
+    upstream raises there) the gap is filled by draws with replacement.
     """
 
     def __init__(self, video_ids, video_db, query_db, max_num_query=5, sampled_by_q=True):
@@ -127,8 +128,11 @@ class VcmrDataset(Dataset):
         vid = self.vids[i]
         own = self.query_db.video2query[vid]
         qids = list(own[:self.max_num_query])
-        if len(qids) < self.max_num_query:
-            qids += random.choices(own, k=self.max_num_query - len(qids))
+        gap = self.max_num_query - len(qids)
+        if 0 < gap <= len(own):
+            qids += random.sample(own, gap)
+        elif gap > 0:
+            qids += random.choices(own, k=gap)
         return vid, qids
 
     def __getitem__(self, i):

@@ -45,11 +45,12 @@ class VideoFeatLmdb:
     """``reader[vid]`` -> float32 tensor ``(n, 4352)``, ``n = min(id2nframe[vid], max_clip_len)``.
 
     Quirk kept from upstream: with ``max_clip_len == -1`` the slice is ``[:-1]`` and drops the
-    last frame. A record whose feature dim is not ``expected_dim`` raises on read.
+    last frame. A record that is not 2-D raises on read; so does one whose width differs from
+    ``expected_dim`` when that is given (default None: any width, as upstream reads).
     """
 
     def __init__(self, img_dir, feat_version="resnet_slowfast", frame_interval=1.5,
-                 compress=True, max_clip_len=-1, expected_dim=VFEAT_DIM):
+                 compress=True, max_clip_len=-1, expected_dim=None):
         self.img_dir = require_dir(img_dir, "video DB")
         self.feat_version = feat_version
         self.frame_interval = frame_interval
@@ -72,9 +73,10 @@ class VideoFeatLmdb:
         n = self._nframe(vid)
         where = f"{self.db_dir}[{vid!r}]"
         feats = decode_video(self.db.get(vid), compress=self.compress, where=where)
-        if feats.ndim != 2 or feats.shape[1] != self.expected_dim:
+        width = self.expected_dim or "dim"
+        if feats.ndim != 2 or feats.shape[1] != (self.expected_dim or feats.shape[1]):
             raise ValueError(f"video record {where} has shape {feats.shape}, "
-                             f"expected (n_frames, {self.expected_dim})")
+                             f"expected (n_frames, {width})")
         return torch.from_numpy(np.array(feats[:n], dtype=np.float32))
 
     def __contains__(self, vid) -> bool:

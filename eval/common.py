@@ -152,3 +152,16 @@ def results_file(output_dir, split: str, checkpoint, suffix: str = "all") -> Pat
     """``{output_dir}/results_{split}/results_{checkpoint}_{suffix}.json``."""
     return (Path(output_dir) / f"results_{split}"
             / f"results_{checkpoint_tag(checkpoint)}_{suffix}.json")
+
+
+def init_distributed():
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); returns the
+    device of this rank. Single-process runs need nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return get_device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

@@ -37,7 +37,7 @@ LOGGER = logging.getLogger(__name__)
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 PTB_PUNCTUATIONS = ("''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!",
                     ",", ":", "-", "--", "...", ";")
-_FALLBACK_TOKEN_RE = re.compile(r"n't|'\w+|\w+|\.\.\.|--|``|''|[^\w\s]")
+_FALLBACK_TOKEN_RE = re.compile(r"\w+(?=n't)|n't|'\w+|\w+|\.\.\.|--|``|''|[^\w\s]")
 _SHOW = 5
 
 
@@ -190,6 +190,7 @@ class TVCEval:
             raise CaptionEvalError(f"TVC reference file not found: {self.ref_path}")
         self.refs = read_references(self.ref_path)
         self.use_java = java_available() if use_java is None else use_java
+        self._gts = None
         if not self.use_java:
             LOGGER.warning("Java not found on PATH: METEOR is skipped and the Stanford PTB "
                            "tokenizer is replaced by a Python approximation, so Bleu/ROUGE_L/"
@@ -202,7 +203,8 @@ class TVCEval:
         if empty:
             LOGGER.info("%d of %d predicted captions are empty; they are scored as such",
                         empty, len(hyps))
-        gts = tokenize(self.refs, self.use_java)
+        if self._gts is None:  # references are tokenised once per evaluator
+            self._gts = tokenize(self.refs, self.use_java)
         res = tokenize({k: [hyps[k]] for k in self.refs}, self.use_java)
-        scores = score_captions(gts, res, self.use_java)
+        scores = score_captions(self._gts, res, self.use_java)
         return {k: float(scores[k]) * 100 for k in METRIC_KEYS if k in scores}

@@ -97,26 +97,32 @@ def window_mask(length: int, min_l: int, max_l: int, device=None):
 def topk_stable(x, k: int):
     """Top-``k`` per row, descending, equal values in ascending index order (exact ties).
 
-    Equivalent to a stable descending sort followed by ``[:, :k]``, without sorting the row.
+    Equivalent to a stable descending sort followed by ``[:, :k]``, without sorting the row:
+    ``topk`` picks the set; only when values equal to the k-th one lie outside it (a tie at
+    the boundary) is the set rebuilt so that the lowest indices win.
     """
-    if torch.isnan(x).any():
-        raise ValueError("NaN in retrieval scores (fp16 overflow? try without --fp16)")
     k = min(k, x.size(1))
     if k == 0:
         empty = x.new_zeros(x.size(0), 0)
         return empty, empty.long()
-    kth = x.topk(k, dim=1).values[:, -1:]
-    greater = x > kth
-    equal = x == kth
-    need = k - greater.sum(1, keepdim=True)
-    if bool((equal.sum(1, keepdim=True) == need).all()):
-        take = greater | equal
-    else:
-        take = greater | (equal & (equal.cumsum(1) <= need))
-    idx = take.nonzero()[:, 1].view(x.size(0), k)
+    vals, idx = x.topk(k, dim=1)
+    if torch.isnan(vals).any():
+        raise ValueError("NaN in retrieval scores (fp16 overflow? try without --fp16)")
+    kth = vals[:, -1:]
+    if not bool(((x == kth).sum(1) == (vals == kth).sum(1)).all()):
+        idx = _boundary_ties(x, kth, k)
+    idx = idx.sort(dim=1).values
     vals = x.gather(1, idx)
     order = vals.sort(dim=1, descending=True, stable=True).indices
     return vals.gather(1, order), idx.gather(1, order)
+
+
+def _boundary_ties(x, kth, k):
+    """Indices of the k entries > kth, then == kth by ascending index (ascending order)."""
+    greater, equal = x > kth, x == kth
+    need = k - greater.sum(1, keepdim=True)
+    take = greater | (equal & (equal.cumsum(1) <= need))
+    return take.nonzero()[:, 1].view(x.size(0), k)
 
 
 def _gather_rows(x, idx):
@@ -130,6 +136,17 @@ def rank_videos(scores, k: int):
     return topk_stable(scores, k)
 
 
+def band_scores(st_e, ed, min_l: int, max_l: int):
+    """(..., L, W) scores st_e[i]·ed[i+min_l+w] of the window pairs; pairs past the end are
+    −inf. Row-major order over (i, w) is the (i, j) lexicographic order."""
+    length, width = st_e.size(-1), max_l - min_l
+    ed_pad = F.pad(ed, (0, max_l))[..., min_l:min_l + length + width - 1]
+    scores = st_e.unsqueeze(-1) * ed_pad.unfold(-1, width, 1)
+    i = torch.arange(length, device=st_e.device)[:, None]
+    j = i + min_l + torch.arange(width, device=st_e.device)[None, :]
+    return scores.masked_fill_(j >= length, float("-inf"))
+
+
 def rank_vcmr(p_st, p_ed, video_e, k_videos: int, min_l: int, max_l: int, max_before_nms: int):
     """VCMR over a query batch. Returns (scores, local video idx, st frame, ed frame), (N, n).
 
@@ -137,19 +154,23 @@ def rank_vcmr(p_st, p_ed, video_e, k_videos: int, min_l: int, max_l: int, max_be
     """
     e_top, v_top = rank_videos(video_e, k_videos)
     st_e = _gather_rows(p_st, v_top) * e_top.unsqueeze(-1)
-    ed = _gather_rows(p_ed, v_top)
-    pi, pj = span_pairs(p_st.size(-1), min_l, max_l, p_st.device)
-    cand = (st_e[..., pi] * ed[..., pj]).flatten(1)
-    vals, flat = topk_stable(cand, max_before_nms)
-    k, pair = flat // len(pi), flat % len(pi)
-    return vals, v_top.gather(1, k), pi[pair], pj[pair]
+    cand = band_scores(st_e, _gather_rows(p_ed, v_top), min_l, max_l)
+    length, width = cand.shape[-2:]
+    n_valid = v_top.size(1) * len(span_pairs(length, min_l, max_l)[0])
+    vals, flat = topk_stable(cand.flatten(1), min(max_before_nms, n_valid))
+    k, rest = flat // (length * width), flat % (length * width)
+    st = rest // width
+    return vals, v_top.gather(1, k), st, st + min_l + rest % width
 
 
 def rank_svmr(p_st_gt, p_ed_gt, min_l: int, max_l: int, max_before_nms: int):
     """SVMR on each query's GT video rows (N, L): (scores, st frame, ed frame), (N, n)."""
-    pi, pj = span_pairs(p_st_gt.size(-1), min_l, max_l, p_st_gt.device)
-    vals, pair = topk_stable(p_st_gt[:, pi] * p_ed_gt[:, pj], max_before_nms)
-    return vals, pi[pair], pj[pair]
+    cand = band_scores(p_st_gt, p_ed_gt, min_l, max_l)
+    width = cand.size(-1)
+    n_valid = len(span_pairs(cand.size(-2), min_l, max_l)[0])
+    vals, flat = topk_stable(cand.flatten(1), min(max_before_nms, n_valid))
+    st = flat // width
+    return vals, st, st + min_l + flat % width
 
 
 # --------------------------------------------------------------------------- reference

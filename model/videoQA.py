@@ -9,7 +9,8 @@ and start/end logits (attention pooling over the 5 answers).
 Decisions: ``forward`` returns ``(qa_loss, temporal_loss)`` (the loop adds
 ``qa_loss + lw_st_ed · temporal_loss``) with ``compute_loss=True`` and the (Q, 5) answer logits
 otherwise. Both losses are plain CE means with ignore index −1, as upstream, so a batch whose
-targets are all −1 gives NaN for that term.
+targets are all −1 gives NaN for that term. Losses are computed on fp32 logits, also under
+autocast.
 """
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def attention_pool(pool: nn.Linear, hidden, mask, dim: int) -> torch.Tensor:
     return (weights * hidden).sum(dim=dim)
 
 
+def _ce(logits, targets):
+    """Mean CE, ignore −1, on fp32 logits (also under autocast)."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+
+
 class HeroForVideoQA(HeroModel):
     """HERO trunk + QA heads; ``st_ed_pool`` starts as a deep copy of ``qa_pool``."""
 
@@ -85,8 +91,7 @@ class HeroForVideoQA(HeroModel):
         logits, st, ed = self.predict(batch, task)
         if not compute_loss:
             return logits
-        qa_loss = F.cross_entropy(logits, batch["targets"].view(-1), ignore_index=IGNORE_INDEX)
         ts = batch["ts_targets"]
-        temporal_loss = (F.cross_entropy(st, ts[:, 0], ignore_index=IGNORE_INDEX)
-                         + F.cross_entropy(ed, ts[:, 1], ignore_index=IGNORE_INDEX)) / 2
+        qa_loss = _ce(logits, batch["targets"].view(-1))
+        temporal_loss = (_ce(st, ts[:, 0]) + _ce(ed, ts[:, 1])) / 2
         return qa_loss, temporal_loss

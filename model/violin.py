@@ -43,6 +43,17 @@ def pad_frame_pos_table(state_dict: dict, max_frm_seq_len: int = VIOLIN_MAX_FRM_
     return {**state_dict, FRAME_POS_KEY: padded}
 
 
+def violin_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of sigmoid(logit) against 0/1 targets, always in fp32.
+
+    Autocast is switched off here because CUDA autocast refuses ``binary_cross_entropy`` on
+    probabilities (upstream's apex O2 did not autocast); the fp32 numbers are unchanged.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits.float()
+        return F.binary_cross_entropy(torch.sigmoid(logits), targets.view_as(logits).float())
+
+
 class HeroForViolin(HeroModel):
     """HERO trunk + VIOLIN head (``violin_pool``, ``violin_pred_head``)."""
 
@@ -70,5 +81,4 @@ class HeroForViolin(HeroModel):
         logits = self.violin_pred_head(pooled)
         if not compute_loss:
             return logits
-        targets = batch["targets"].view_as(logits).to(logits.dtype)
-        return F.binary_cross_entropy(torch.sigmoid(logits), targets)
+        return violin_loss(logits, batch["targets"])

@@ -55,8 +55,14 @@ class HeroForVr(HeroForVcmr):
                                             batch["query_attn_masks"])
 
     def get_pred_from_raw_query(self, frame_embeddings, c_attn_masks, query_input_ids,
-                                query_pos_ids, query_attn_masks, val_gather_gpus=False):
-        """(N_q, N_v) video scores (§8.4) of raw queries against encoded videos."""
+                                query_pos_ids, query_attn_masks, cross=False,
+                                val_gather_gpus=False):
+        """(N_q, N_v) video scores (§8.4) of raw queries against encoded videos.
+
+        Same signature as :meth:`HeroForVcmr.get_pred_from_raw_query` (interface.md), so code
+        written for VCMR may pass ``cross`` positionally; it is ignored because VR computes no
+        start/end logits.
+        """
         query = self.encode_queries(query_input_ids, query_pos_ids, query_attn_masks)
         return self.get_video_scores(query, frame_embeddings, c_attn_masks,
                                      gather=val_gather_gpus)

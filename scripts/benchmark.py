@@ -3,6 +3,8 @@
 Usage (from the repository root)::
 
     python scripts/benchmark.py data [--corpus DBS] [--workers 0 2] [--num_batches 20]
+    python scripts/benchmark.py model [--model_videos 8] [--model_iters 10] [...]
+    python scripts/benchmark.py tvc [--corpus DBS --toker DIR] [--tvc_config FILE] [...]
     python scripts/benchmark.py all  [...]
 
 Every line is ``{"figure": str, "value": float, "unit": str, "device": str}``.
@@ -39,6 +41,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from scripts import bench_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,6 +202,44 @@ def bench_data(opts) -> list:
                             result(f"{prefix}/batches_per_s", batches, "batches/s")]
                 del loader
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# model (code in scripts/bench_model.py)
+# ---------------------------------------------------------------------------------------------
+register("model", "forward+backward of HeroForVcmr / HeroForTvc and TVC greedy decoding, "
+         "sdpa vs math attention", bench_model.add_model_arguments)(bench_model.run_model_bench)
+
+
+# ---------------------------------------------------------------------------------------------
+# vcmr (full-corpus ranking, vectorised vs reference; code in eval/bench_vcmr.py)
+# ---------------------------------------------------------------------------------------------
+def _add_vcmr_arguments(parser: argparse.ArgumentParser) -> None:
+    from eval.bench_vcmr import add_arguments
+    add_arguments(parser)
+
+
+@register("vcmr", "full-corpus VCMR/SVMR/VR ranking, vectorised vs reference (synthetic)",
+          _add_vcmr_arguments)
+def bench_vcmr(opts) -> list:
+    from eval.bench_vcmr import bench_vcmr as run
+    return run(opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# tvc (TVC decoding cached vs full recompute, QA/VIOLIN eval speed; code in eval/bench_tvc.py)
+# ---------------------------------------------------------------------------------------------
+def _add_tvc_arguments(parser: argparse.ArgumentParser) -> None:
+    from eval.bench_tvc import add_arguments
+    add_corpus_arguments(parser)
+    add_arguments(parser)
+
+
+@register("tvc", "inf_tvc captions/s with the KV cache vs full recompute per step, and "
+          "TVQA/VIOLIN eval examples/s", _add_tvc_arguments)
+def bench_tvc(opts) -> list:
+    from eval.bench_tvc import bench_tvc as run
+    return run(opts, corpus_dir, result)
 
 
 # ---------------------------------------------------------------------------------------------

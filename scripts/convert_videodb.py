@@ -8,8 +8,9 @@ Usage (from the repository root)::
 Each video becomes a float32 ``(frame_len, 4352)`` array, ResNet (2048) columns first, stored
 as msgpack-numpy (or npz with ``--compress``) in
 ``{output}/{dataset}/{feat_version}_{frame_length}[_compressed]`` (an existing LMDB folder is
-refused). Videos with ``frame_len == 0``, unreadable files or a feature width other than 4352
-are skipped and listed in ``corrupted.json``. ``id2nframe.json``: when it already exists, each
+refused). Videos with ``frame_len == 0`` or unreadable files are skipped and listed in
+``corrupted.json``; a width other than 4352 is stored as is (upstream does not check it) and
+counted in one warning. ``id2nframe.json``: when it already exists, each
 of its keys takes ``min(old, new)`` (a key the new run did not produce raises, as upstream;
 new keys absent from it are not added and are counted in the log); otherwise the new counts.
 A multiprocessing pool is used only when ``--nproc > 1``.
@@ -50,8 +51,6 @@ def load_video(item):
                                 _load_features(slowfast_path, frame_len)], axis=1)
     except Exception as exc:  # noqa: BLE001 - any unreadable file marks the video corrupted
         return vid, None, f"cannot load: {exc}"
-    if feats.shape[1] != VFEAT_DIM:
-        return vid, None, f"feature width {feats.shape[1]} != {VFEAT_DIM}"
     return vid, feats, ""
 
 
@@ -105,7 +104,7 @@ def convert_videodb(opts) -> dict:
     if os.path.exists(out_db):
         raise FileExistsError(f"output LMDB already exists, refusing to overwrite: {out_db}")
     os.makedirs(out_db)
-    id2nframe, corrupted = {}, []
+    id2nframe, corrupted, odd_width = {}, [], 0
     with VideoLmdbWriter(out_db, compress=opts.compress) as db:
         for vid, feats, reason in tqdm(_loaded(sorted(info.items()), opts.nproc),
                                        total=len(info), desc="converting videos"):
@@ -113,11 +112,15 @@ def convert_videodb(opts) -> dict:
                 LOGGER.debug("%s skipped: %s", vid, reason)
                 corrupted.append(vid)
                 continue
+            odd_width += feats.shape[1] != VFEAT_DIM
             for name, chunk in split_clips(vid, feats, opts.clip_interval, opts.frame_length):
                 db[name] = chunk
                 id2nframe[name] = len(chunk)
     if corrupted:
         LOGGER.warning("%d videos skipped as corrupted (see corrupted.json)", len(corrupted))
+    if odd_width:
+        LOGGER.warning("%d videos stored with a feature width other than %d", odd_width,
+                       VFEAT_DIM)
     out_dir = os.path.join(opts.output, opts.dataset)
     id2nframe_path = os.path.join(out_dir, "id2nframe.json")
     id2nframe = merge_id2nframe(id2nframe_path, id2nframe)

@@ -27,17 +27,9 @@ from data.db import (  # noqa: E402
     write_jsonl,
     write_meta,
 )
-from utils.tokenizer import load_toker, roberta_tokenize, toker_meta  # noqa: E402
+from utils.tokenizer import build_meta, load_toker, roberta_tokenize  # noqa: E402
 
 ID_FIELD = {"tvr": "desc_id", "tvqa": "qid", "violin": "desc_id"}
-
-
-def build_meta(opts, toker) -> dict:
-    """``meta.json``: the argparse namespace, ``tokenizer`` and the special ids (§3.1)."""
-    meta = dict(vars(opts))
-    meta["tokenizer"] = opts.toker
-    meta.update(toker_meta(toker))
-    return meta
 
 
 def _field(line: dict, key: str, path: str, n: int):

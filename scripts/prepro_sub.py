@@ -40,7 +40,7 @@ from data.db import (  # noqa: E402
     write_json,
     write_meta,
 )
-from utils.tokenizer import load_toker, roberta_tokenize, toker_meta  # noqa: E402
+from utils.tokenizer import build_meta, load_toker, roberta_tokenize  # noqa: E402
 
 EXTRA_LONG_SEC = 16
 EXTRA_LONG_KEEP = 11
@@ -180,9 +180,7 @@ def prepro_sub(opts) -> None:
     lines = read_jsonl(opts.annotation)
     vid2nframe = read_json(opts.vid2nframe, "--vid2nframe")
     toker = load_toker(opts.toker)
-    meta = dict(vars(opts))
-    meta["tokenizer"] = opts.toker
-    meta.update(toker_meta(toker))
+    meta = build_meta(opts, toker)
     make_output_dir(opts.output)
     write_meta(opts.output, meta)
     vid2len, vid2max_len, sub_info = {}, {}, {}

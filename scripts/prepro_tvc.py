@@ -27,7 +27,7 @@ from data.db import (  # noqa: E402
     write_json,
     write_meta,
 )
-from utils.tokenizer import load_toker, roberta_tokenize, toker_meta  # noqa: E402
+from utils.tokenizer import build_meta, load_toker, roberta_tokenize  # noqa: E402
 
 
 def overlapping_subs(subs: list, ts) -> list:
@@ -75,9 +75,7 @@ def prepro_tvc(opts) -> None:
     lines = read_jsonl(opts.annotation)
     vid2subs = load_subtitles(opts.subtitles)
     toker = load_toker(opts.toker)
-    meta = dict(vars(opts))
-    meta["tokenizer"] = opts.toker
-    meta.update(toker_meta(toker))
+    meta = build_meta(opts, toker)
     make_output_dir(opts.output)
     write_meta(opts.output, meta)
     cap2vid, vid2caps, clip2vid, vid2clips = {}, {}, {}, {}

@@ -39,8 +39,10 @@ def result_lines(clip2text):
 
 def java_scores(refs: dict, hyps: dict) -> dict:
     """×100 scores through the real PTB tokenizer, without METEOR."""
-    gts = tokenize({k: list(v) for k, v in refs.items()}, use_java=True)
-    res = tokenize({k: [hyps[k]] for k in refs}, use_java=True)
+    both = tokenize({**{("ref", k): list(v) for k, v in refs.items()},
+                     **{("hyp", k): [hyps[k]] for k in refs}}, use_java=True)
+    gts = {k: both[("ref", k)] for k in refs}
+    res = {k: both[("hyp", k)] for k in refs}
     return {k: 100 * v for k, v in score_captions(gts, res, meteor=False).items()}
 
 

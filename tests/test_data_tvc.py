@@ -163,11 +163,14 @@ def test_caption_of_unknown_video_is_an_error(video_db, tmp_path):
         TvcTrainDataset(video_db, CaptionTokLmdb(db_dir, -1))
 
 
-def test_empty_caption_is_an_error(video_db, tmp_path):
+def test_empty_caption_is_a_bos_to_eos_item(video_db, tmp_path):
+    """Upstream trains on an empty caption ([BOS] -> [EOS]); it must not stop the run."""
     caps = {**CAPS, 4: ("vB", 14, [2.0, 3.7], [], "")}
     ds = TvcTrainDataset(video_db, CaptionTokLmdb(build_tvc_db(str(tmp_path / "e"), caps), 60))
-    with pytest.raises(ValueError, match=r"caption 4 .*tvc_train\.db"):
-        ds[1]
+    batch = TvcTrainDataset.collate([ds[1]])
+    assert batch["cap_input_ids"].tolist() == [[0, 120, 121], [0, 1, 1]]
+    assert batch["cap_tgt_ids"].tolist() == [[120, 121, 2], [2, -1, -1]]
+    assert batch["clip_ranges"] == ((RANGES[3], RANGES[4]),)
 
 
 def test_sharding_keeps_every_video_once(video_db, tvc_dir, monkeypatch):

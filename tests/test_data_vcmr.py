@@ -1,6 +1,8 @@
 """VCMR / VR datasets and collates on real LMDBs (data.md §9.1, §9.2, §11.2)."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from test_data_video import (
@@ -148,6 +150,19 @@ def test_sampled_by_video_tops_up_to_max_num_query(dbs):
     assert batch["query_input_ids"][:2, 1].tolist() == [101, 104]  # own queries first
     assert batch["q_vidx"].tolist() == [0] * 5 and batch["targets"].shape == (5, 2)
     assert set(batch["query_input_ids"][:, 1].tolist()) <= {101, 104}
+
+
+def test_sampled_by_video_top_up_draws_without_replacement(dbs, tmp_path):
+    """3 own queries, 5 slots: the 2 extra ones are a ``random.sample`` (never a repeat)."""
+    extra = dict(QUERIES[0], desc_id=5, input_ids=[108])
+    query_dir = build_query_db(str(tmp_path), "tvr_more.db", QUERIES + [extra])
+    ds = VcmrDataset(["vA"], dbs["video_db"], QueryTokLmdb(query_dir, -1), max_num_query=5,
+                     sampled_by_q=False)
+    for seed in range(30):
+        random.seed(seed)
+        vid, qids = ds.getids(0)
+        assert vid == "vA" and qids[:3] == ["1", "3", "5"]
+        assert len(set(qids[3:])) == 2 and set(qids[3:]) <= {"1", "3", "5"}
 
 
 def test_full_eval_items_and_collate(dbs):

@@ -84,9 +84,21 @@ def test_meta_loader_broadcasts_rank0_choice(monkeypatch):
 
 def test_meta_loader_rejects_bad_ratio():
     with pytest.raises(ValueError, match="'x'"):
+        MetaLoader({"x": (_Epochs("x", 1), -1)})
+    with pytest.raises(ValueError, match="'x'"):
+        MetaLoader({"x": (_Epochs("x", 1), 1.5)})
+    with pytest.raises(ValueError, match="every task ratio is 0"):
         MetaLoader({"x": (_Epochs("x", 1), 0)})
     with pytest.raises(ValueError):
         MetaLoader({})
+
+
+def test_meta_loader_ratio_zero_task_is_never_drawn():
+    """Upstream's pool is ``[name] * ratio``: a 0 ratio switches the task off."""
+    random.seed(3)
+    meta = MetaLoader({"on": (_Epochs("on", 2), 1), "off": (_Epochs("off", 2), 0)})
+    assert {task for task, _ in islice(meta, 50)} == {"on"}
+    assert meta.sampling_pools == ["on"]
 
 
 def test_prefetch_loader_passes_task_batches_through_on_cpu():

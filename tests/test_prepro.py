@@ -52,6 +52,9 @@ def toker(toker_dir):
     return load_toker(toker_dir)
 
 
+META_ORDER = ["tokenizer", "BOS", "EOS", "SEP", "CLS", "PAD", "MASK", "UNK", "v_range"]
+
+
 def write_lines(path, lines):
     path.write_text("\n".join(json.dumps(line) for line in lines))
     return str(path)
@@ -121,6 +124,20 @@ def test_matching_quirks():
     assert zero["unmatched_frames"] == [1, 3]
 
 
+def test_matching_uses_float32_seconds_and_clipped_duration():
+    # 4.4999999999 s is 4.5 in float32: frame 3 starts it (float64 would give frame 2)
+    f32 = match_subtitles([{"start": 4.4999999999, "end": 6.0}], 1.5, 10)
+    assert f32["sub2frames"] == [[0, [3]]]
+    # the 16 s test uses min(end, fl * N): 15 s here, so all 20 candidates are kept,
+    # and sub2frames is not clipped at N (unique_sub2frames is)
+    clipped = match_subtitles([{"start": 0.0, "end": 30.0}], 1.5, 10)
+    assert clipped["sub2frames"] == [[0, list(range(20))]]
+    assert clipped["unique_sub2frames"] == [[0, list(range(10))]]
+    # not the last subtitle: never cut to 11 frames
+    first = match_subtitles([{"start": 0.0, "end": 30.0}, {"start": 31.0, "end": 32.0}], 1.5, 40)
+    assert first["sub2frames"][0] == [0, list(range(20))]
+
+
 def test_pseudo_subtitles_blocks_of_five():
     pseudo = pseudo_subtitles(12)
     assert pseudo["unique_sub2frames"] == [[0, [0, 1, 2, 3, 4]], [1, [5, 6, 7, 8, 9]],
@@ -146,10 +163,14 @@ def test_prepro_sub_writes_records_and_side_files(tmp_path, toker_dir, toker):
     subs = [dict(s, text=t) for s, t in zip(WORKED, [" Chase : A &amp; B", " HOUSE : WHO?",
                                                      " He opens the door.", " Nobody did."])]
     lines = [{"vid_name": "v1", "sub": subs}, {"vid_name": "v2", "sub": []},
-             {"vid_name": "v3", "sub": [{"text": "x", "start": 0.5, "end": 10.0}]}]
-    out, ann, nframe = run_prepro_sub(tmp_path, toker_dir, lines, {"v1": 10, "v2": 7, "v3": 0})
+             {"vid_name": "v3", "sub": [{"text": "x", "start": 0.5, "end": 10.0}]},
+             {"vid_name": "v4", "sub": []}]
+    out, ann, nframe = run_prepro_sub(tmp_path, toker_dir, lines,
+                                      {"v1": 10, "v2": 7, "v3": 0, "v4": 0})
     meta_text = open(os.path.join(out, "meta.json")).read()
     meta = json.loads(meta_text)
+    assert list(meta) == ["annotation", "vid2nframe", "frame_length", "output", "toker", "task",
+                          *META_ORDER]
     assert meta_text.startswith('{\n    "annotation"')
     assert meta["frame_length"] == 1.5 and meta["task"] == "tv" and meta["toker"] == toker_dir
     assert meta["tokenizer"] == toker_dir and meta["v_range"] == toker_meta(toker)["v_range"]
@@ -165,10 +186,16 @@ def test_prepro_sub_writes_records_and_side_files(tmp_path, toker_dir, toker):
     assert rec["max_mtached_sub_len"] == max(len(t) + n for t, n in zip(tokens, sub_lens))
     assert db["v2"]["unique_sub2frames"] == [[0, [0, 1, 2, 3, 4]], [1, [5, 6]]]
     assert db["v3"]["duration"] == 6  # int(int(10.0) / 1.5) when vid2nframe gives 0
+    assert {k: db["v4"][k] for k in ("input_ids", "unique_sub2frames", "sub2frames",
+                                      "unmatched_frames", "duration", "max_mtached_sub_len")} \
+        == {"input_ids": [], "unique_sub2frames": [], "sub2frames": [], "unmatched_frames": [],
+            "duration": 0, "max_mtached_sub_len": 0}  # N = 0 and no subtitle: empty record
+    assert db["v2"]["max_mtached_sub_len"] == 5 and db["v2"]["v_id"] == "v2"
     assert db.vid_sub2frame["v1"] == [(0, [0]), (1, [1, 2]), (2, [3, 4, 5]), (3, [8])]
     side = {f: json.load(open(os.path.join(out, f)))
             for f in ("vid2len.json", "vid2max_frame_sub_len.json", "sub_info.json")}
-    assert side["vid2len.json"] == {"v1": 10, "v2": 7, "v3": 6}
+    assert side["vid2len.json"] == {"v1": 10, "v2": 7, "v3": 6, "v4": 0}
+    assert list(side["vid2len.json"]) == ["v1", "v2", "v3", "v4"]  # annotation order
     assert side["vid2max_frame_sub_len.json"]["v1"] == rec["max_mtached_sub_len"]
     assert side["sub_info.json"]["v1"]["max_overlap_time"] == pytest.approx(0.5)
     with pytest.raises(FileExistsError, match="sub.db"):
@@ -205,6 +232,10 @@ def test_prepro_query_tvr(tmp_path, toker_dir, toker):
              {"vid_name": "v2", "duration": 30.0, "ts": [0.0, 3.0], "desc": "She smiles.",
               "type": "t", "desc_id": 7}]
     out, ann = run_query(tmp_path, toker_dir, "tvr", lines, "tvr_train.db")
+    meta_text = open(os.path.join(out, "meta.json")).read()
+    assert list(json.loads(meta_text)) == ["annotation", "output", "toker", "task", *META_ORDER]
+    assert meta_text == json.dumps(json.loads(meta_text), indent=4)
+    assert list(json.load(open(os.path.join(out, "id2len.json")))) == ["90200", "7"]
     db = QueryTokLmdb(out)
     rec = db["90200"]
     assert rec["input_ids"] == roberta_tokenize(toker, "he opens the door.")
@@ -250,7 +281,9 @@ def test_prepro_tvc(tmp_path, toker_dir, toker):
     subs = [{"vid_name": "v1", "sub": [{"text": "a", "start": 0.0, "end": 2.0},
                                        {"text": "b", "start": 2.5, "end": 6.0},
                                        {"text": "c", "start": 9.0, "end": 20.0},
-                                       {"text": "d", "start": 3.0, "end": 5.0}]}]
+                                       {"text": "d", "start": 3.0, "end": 5.0},
+                                       {"text": "e", "start": 2.0, "end": 10.0},
+                                       {"text": "f", "start": 10.0, "end": 11.0}]}]
     lines = [{"vid_name": "v1", "clip_id": 31, "ts": [2.0, 10.0], "duration": 60.0,
               "descs": [{"desc": "HE OPENS THE DOOR.", "desc_id": 101, "type": "v"},
                         {"desc": "She smiles.", "desc_id": 102, "type": "t"}]},
@@ -266,15 +299,18 @@ def test_prepro_tvc(tmp_path, toker_dir, toker):
     assert cap["input_ids"].tolist() == [db.bos] + tokens
     assert cap["tgt_ids"].tolist() == tokens + [db.eos]
     assert (cap["clip_id"], cap["vid_name"], cap["type"]) == ("31", "v1", "v")
-    assert cap["sub_indices"] == [1, 2, 3]  # sub 0 ends exactly at st: strict inequality
+    # strict inequalities: sub 0 ends at st, sub 4 spans exactly [st, ed], sub 5 starts at ed
+    assert cap["sub_indices"] == [1, 2, 3]
     clip = db.get_clip(31)
     assert clip["captions"][1] == {"id": 102, "input_ids": roberta_tokenize(
         toker, "She smiles.", lower_upper=False), "text": "She smiles."}
-    assert db.get_clip("32")["captions"] == [] and db.get_clip("32")["sub_indices"] == [2]
+    assert db.get_clip("32")["captions"] == [] and db.get_clip("32")["sub_indices"] == [2, 5]
     assert (db.cap2vid, db.vid2caps) == ({"101": "v1", "102": "v1"}, {"v1": ["101", "102"]})
     assert (db.clip2vid, db.vid2clips) == ({"31": "v1", "32": "v1"}, {"v1": ["31", "32"]})
     assert db.id2len == {}
-    assert json.load(open(os.path.join(out, "meta.json")))["subtitles"].endswith("subs.jsonl")
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["subtitles"].endswith("subs.jsonl")
+    assert list(meta) == ["annotation", "subtitles", "output", "toker", *META_ORDER]
 
 
 # ---------------------------------------------------------------- video features
@@ -344,15 +380,18 @@ def test_convert_videodb_compress_chunks_and_min_merge(tmp_path, feature_dir):
     root, arrays = feature_dir
     tv = os.path.join(str(tmp_path / "video_db"), "tv")
     os.makedirs(tv)
-    json.dump({"vA.0": 2, "vA.1": 1, "vA.2": 1, "vB.0": 2, "vB.1": 1},
+    json.dump({"vA.0": 2, "vA.1": 1, "vA.2": 3, "vB.0": 1},
               open(os.path.join(tv, "id2nframe.json"), "w"))
     collect_and_convert(tmp_path, root, "--compress", "--clip_interval", "3")
+    # chunks of int(3 / 1.5) = 2 frames: vA (5 frames) -> 2, 2, 1; vB (3) -> 2, 1.
+    # Existing keys take min(old, new); converted keys absent from the file are not added.
     assert json.load(open(os.path.join(tv, "id2nframe.json"))) == {
-        "vA.0": 2, "vA.1": 1, "vA.2": 1, "vB.0": 2, "vB.1": 1}
+        "vA.0": 2, "vA.1": 1, "vA.2": 1, "vB.0": 1}
     reader = VideoFeatLmdb(tv, "resnet_slowfast", 1.5, True, 100)
     sf, rn = arrays["vA"]
     full = np.concatenate([rn[:5], sf[:5]], axis=1).astype(np.float32)
-    assert torch.equal(reader["vA.1"], torch.from_numpy(full[2:3]))
+    assert torch.equal(reader["vA.1"], torch.from_numpy(full[2:3]))  # id2nframe caps at 1
+    assert len(reader.db) == 5 and reader.db.get("vA.2") is not None
     assert torch.equal(reader["vA.0"], torch.from_numpy(full[:2]))
     with pytest.raises(FileExistsError, match="resnet_slowfast_1.5_compressed"):
         collect_and_convert(tmp_path, root, "--compress", "--clip_interval", "3")
@@ -395,3 +434,15 @@ def test_create_txtdb_sh_end_to_end(tmp_path, toker_dir):
     res = subprocess.run(["bash", script, str(tmp_path / "o2"), str(ann), toker_dir],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 1 and "tv_vid2nframe.json" in res.stderr
+
+
+def test_convert_videodb_stores_other_widths_resnet_first(tmp_path, caplog):
+    root = tmp_path / "small"
+    sf = write_npz(str(root / "slowfast_features" / "f" / "v.npz"), 4, 3, 5)
+    rn = write_npz(str(root / "resnet_features" / "f" / "v.npz"), 3, 2, 6)
+    with caplog.at_level("WARNING"):
+        out = collect_and_convert(tmp_path, str(root))
+    assert "1 videos stored with a feature width other than 4352" in caplog.text
+    reader = VideoFeatLmdb(os.path.join(out, "tv"), "resnet_slowfast", 1.5, False, 100)
+    expected = np.concatenate([rn[:3], sf[:3]], axis=1).astype(np.float32)
+    assert torch.equal(reader["v"], torch.from_numpy(expected))

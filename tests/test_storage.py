@@ -1,10 +1,13 @@
 """Storage layer: LMDB writers and the text/video readers (data.md §2-§4, §6)."""
 from __future__ import annotations
 
+import gc
+import io
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import zipfile
 
 import msgpack
 import msgpack_numpy
@@ -12,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.codec import RecordDecodeError, encode_txt, encode_video
+import data.db as db_module
+from data.codec import RecordDecodeError, decode_txt_fields, encode_txt, encode_video
 from data.db import (
     LazyLmdb,
     LmdbWriter,
@@ -234,15 +238,44 @@ def test_sub_db_keeps_prefix_of_subtitles(tmp_path):
 def test_sub_db_minus_one_and_vr_variant(tmp_path):
     db_dir = make_sub_db(tmp_path)
     raw = SubTokLmdb(db_dir, -1)
-    assert raw.vid_sub2frame["a"] == [(0, [0, 1]), (1, []), (2, [2, 3, 4]), (3, [5])]
+    assert raw.vid_sub2frame["a"] == [[0, [0, 1]], [1, []], [2, [2, 3, 4]], [3, [5]]]  # raw
     assert raw.vid2vonly_frames == {"a": [], "b": []}  # upstream's broken -1 path
     assert raw.id2len == {"a": -1, "b": -1}
     assert (raw.vid2dur, raw.vid2idx) == ({}, {})
     vr = VrSubTokLmdb(db_dir, 3)
     assert vr.max_clip_len == 3
-    assert vr.vid_sub2frame["b"] == [(0, [0]), (1, [4, 5]), (2, [6])]
+    assert vr.vid_sub2frame["b"] == [[0, [0]], [1, [4, 5]], [2, [6]]]
     assert vr.id2len == {"a": 8, "b": 7}
     assert (vr.vid2dur, vr.vid2idx) == ({}, {})
+
+
+def test_sub_db_scan_decodes_only_the_mappings(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("full record decode during the SubTokLmdb scan")
+
+    db_dir = make_sub_db(tmp_path)
+    monkeypatch.setattr(db_module, "decode_txt", refuse)
+    assert gc.isenabled()
+    db = SubTokLmdb(db_dir, 100)
+    assert gc.isenabled()  # the scan pauses the GC and restores it
+    assert db.vid_sub2frame["b"] == [(0, [0]), (1, [4, 5]), (2, [6])]
+
+
+def test_decode_txt_fields_subset_and_errors(tmp_path):
+    rec = {"sub": [{"text": "x", "start": 0.5}], "unique_sub2frames": [[0, [1, 2]]],
+           "unmatched_frames": [0], "v_id": "v"}
+    value = encode_txt(rec)
+    assert decode_txt_fields(value, ("unmatched_frames", "unique_sub2frames")) == {
+        "unique_sub2frames": [[0, [1, 2]]], "unmatched_frames": [0]}
+    assert decode_txt_fields(memoryview(value), ("v_id",)) == {"v_id": "v"}
+    with pytest.raises(RecordDecodeError, match=r"db\['v'\] lacks the field\(s\) \['dur'\]"):
+        decode_txt_fields(value, ("v_id", "dur"), where="db['v']")
+    with pytest.raises(RecordDecodeError, match="missing record"):
+        decode_txt_fields(None, ("v_id",))
+    db_dir = make_txt_db(tmp_path / "s.db", {"a": {"unique_sub2frames": []}},
+                         vid2len={"a": 3}, vid2max_frame_sub_len={"a": 0})
+    with pytest.raises(RecordDecodeError, match=r"s\.db\['a'\] lacks.*unmatched_frames"):
+        SubTokLmdb(db_dir, 100)
 
 
 def test_sub_db_missing_side_file_and_record(tmp_path):
@@ -305,9 +338,37 @@ def test_video_compressed_and_clip_len_slicing(tmp_path):
     assert VideoFeatLmdb(root, "resnet_slowfast", 1.5, True, 100)["v"].shape == (5, D)
     short = VideoFeatLmdb(root, "resnet_slowfast", 1.5, True, 3)
     assert torch.equal(short["v"], torch.from_numpy(arr[:3]))
-    assert VideoFeatLmdb(root, "resnet_slowfast", 1.5, True, -1)["v"].shape == (5, D)
+    full = make_video_db(tmp_path / "full", {"v": arr}, compress=True)
+    assert torch.equal(VideoFeatLmdb(full, "resnet_slowfast", 1.5, True, -1)["v"],
+                       torch.from_numpy(arr[:-1]))  # upstream quirk: -1 drops the last frame
     with pytest.raises(FileNotFoundError, match="resnet_slowfast_1.5"):
         VideoFeatLmdb(root, "resnet_slowfast", 1.5, False, 100)
+
+
+def npz_with_allow_pickle_member(arr) -> bytes:
+    """An npz value as numpy 1.x wrote it when given ``allow_pickle=True``: two members."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, member in (("features", arr), ("allow_pickle", np.array(True))):
+            member_buf = io.BytesIO()
+            np.lib.format.write_array(member_buf, member, allow_pickle=False)
+            zf.writestr(f"{name}.npy", member_buf.getvalue())
+    return buf.getvalue()
+
+
+def test_video_npz_value_format_and_extra_member(tmp_path):
+    arr = rand_feats(3, np.float16)
+    value = encode_video(arr, compress=True)
+    with zipfile.ZipFile(io.BytesIO(value)) as zf:
+        assert zf.namelist() == ["features.npy"]
+        assert zf.getinfo("features.npy").compress_type == zipfile.ZIP_DEFLATED
+    root = make_video_db(tmp_path / "violin", {"v": arr}, compress=True)
+    with LmdbWriter(os.path.join(root, "resnet_slowfast_1.5_compressed")) as db:
+        db.put("old", npz_with_allow_pickle_member(arr[:2]))
+    write_json(os.path.join(root, "id2nframe.json"), {"v": 3, "old": 2})
+    reader = VideoFeatLmdb(root, "resnet_slowfast", 1.5, True, 100)
+    assert torch.equal(reader["v"], torch.from_numpy(arr.astype(np.float32)))
+    assert torch.equal(reader["old"], torch.from_numpy(arr[:2].astype(np.float32)))
 
 
 def test_video_folder_accepts_both_interval_spellings(tmp_path):
@@ -322,9 +383,11 @@ def test_video_folder_accepts_both_interval_spellings(tmp_path):
 def test_video_errors(tmp_path):
     root = make_video_db(tmp_path / "tv", {"v": rand_feats(2), "w": np.zeros((2, 10), "f4")},
                          id2nframe={"v": 2, "w": 2, "gone": 3})
-    reader = VideoFeatLmdb(root, "resnet_slowfast", 1.5, False, 100)
+    assert VideoFeatLmdb(root, "resnet_slowfast", 1.5, False, 100)["w"].shape == (2, 10)
+    checked = VideoFeatLmdb(root, "resnet_slowfast", 1.5, False, 100, expected_dim=D)
     with pytest.raises(ValueError, match=r"'w'.*expected \(n_frames, 4352\)"):
-        reader["w"]
+        checked["w"]
+    reader = VideoFeatLmdb(root, "resnet_slowfast", 1.5, False, 100)
     with pytest.raises(RecordDecodeError, match=r"resnet_slowfast_1.5\['gone'\]"):
         reader["gone"]
     with pytest.raises(KeyError, match="id2nframe.json"):

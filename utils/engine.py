@@ -33,7 +33,8 @@ as ``ckpt/train_state_<N>.pt``; the two newest are kept. ``--resume`` continues 
 bit-for-bit (upstream's resume was lossy, P15): the data side is in :mod:`data.resumable`, and
 validation runs under a saved-and-restored RNG so training randomness does not depend on when
 validation happens. On resume ``log/hps.json`` must equal the current options (the keys that
-differ are listed; ``resume`` and ``overwrite`` themselves are ignored).
+differ are listed; ``resume``, ``overwrite``, ``output_dir`` (a run folder may be moved) and
+``log_steps`` are ignored).
 
 Deliberate deviation (P14): training-loss scalars are logged at the same TensorBoard step as
 ``lr`` and ``grad_norm`` (upstream wrote them one step behind).
@@ -78,7 +79,7 @@ from utils.save import (
 )
 
 LOGGER = logging.getLogger(__name__)
-RUN_CONTROL_KEYS = ("resume", "overwrite")
+RUN_CONTROL_KEYS = ("resume", "overwrite", "output_dir", "log_steps")
 KEEP_TRAIN_STATES = 2
 PERF_EVERY = 100
 ID_KEYS = ("vids", "qids", "vid_names", "q_ids", "clip_ids")

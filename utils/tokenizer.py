@@ -12,8 +12,10 @@ import html
 import os
 
 TOKER_FILES = ("vocab.json", "merges.txt")
-SPECIAL_TOKENS = {"BOS": "<s>", "CLS": "<s>", "PAD": "<pad>", "EOS": "</s>", "SEP": "</s>",
-                  "UNK": "<unk>", "MASK": "<mask>"}
+# Insertion order = upstream's key order in meta.json (data.md §3.1), which writes these ids
+# right after the argparse namespace and ``tokenizer``, then ``v_range``.
+SPECIAL_TOKENS = {"BOS": "<s>", "EOS": "</s>", "SEP": "</s>", "CLS": "<s>", "PAD": "<pad>",
+                  "MASK": "<mask>", "UNK": "<unk>"}
 
 
 def load_toker(toker_dir: str):
@@ -40,6 +42,15 @@ def toker_meta(toker) -> dict:
     """Special ids and the MLM replacement range ``[id('.'), id('<|endoftext|>') + 1)``."""
     meta = {key: _vocab_id(toker, tok) for key, tok in SPECIAL_TOKENS.items()}
     meta["v_range"] = [_vocab_id(toker, "."), _vocab_id(toker, "<|endoftext|>") + 1]
+    return meta
+
+
+def build_meta(opts, toker) -> dict:
+    """``meta.json`` of every prepro script: argparse namespace (in ``add_argument`` order),
+    ``tokenizer`` (= ``--toker``), the special ids and ``v_range``, in upstream's key order."""
+    meta = dict(vars(opts))
+    meta["tokenizer"] = opts.toker
+    meta.update(toker_meta(toker))
     return meta
 
 
