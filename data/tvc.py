@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from utils.distributed import shard
 
 from .data import TXT_PAD, exclusive_span, video_collate
-from .videoQA import check_videos, db_name
+from .query_items import check_videos, db_name
 
 
 def clip_range_mask(ts, frame_interval: float, num_frames: int):

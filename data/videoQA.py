@@ -14,47 +14,11 @@ from __future__ import annotations
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import Dataset
-
-from utils.distributed import shard
 
 from .data import ts_string_span, txt_input_collate, video_collate
+from .query_items import QueryItemDataset, db_name, extend_video_text, video_of
 
 NUM_ANSWERS = 5
-
-
-def db_name(db) -> str:
-    """Folder of a reader, for error messages."""
-    return str(getattr(db, "db_dir", db))
-
-
-def extend_video_text(video_inputs, ext_ids: torch.Tensor):
-    """Copy of a §7 video tuple with ``ext_ids`` appended to every segment text and mask.
-
-    Frames, features and clip-level parts are shared with the original (they are not modified).
-    """
-    texts, feats, masks, clip_feats, clip_mask, num_subs, pairs = video_inputs
-    ext_mask = torch.ones(len(ext_ids), dtype=torch.long)
-    new_texts = [torch.cat([t, ext_ids]) for t in texts]
-    new_masks = [torch.cat([m, ext_mask.to(m.dtype)]) for m in masks]
-    return new_texts, feats, new_masks, clip_feats, clip_mask, num_subs, pairs
-
-
-def video_of(query_db, qid: str) -> str:
-    """Video of a question/statement, with an error naming the mapping file when absent."""
-    try:
-        return query_db.query2video[qid]
-    except KeyError:
-        raise KeyError(f"id {qid} has no video in "
-                       f"{db_name(query_db)}/query2video.json") from None
-
-
-def check_videos(vids, video_db, source: str, show: int = 5) -> None:
-    """Fail early, naming ``source``, if a video has no features or subtitles."""
-    missing = [vid for vid in vids if vid not in video_db]
-    if missing:
-        raise KeyError(f"{len(missing)} videos listed in {source} are missing from the video "
-                       f"or subtitle DB, e.g. {missing[:show]}")
 
 
 def qa_target(example, qid: str, query_db) -> torch.Tensor:
@@ -80,7 +44,7 @@ def build_qa_inputs(example, qid: str, query_db):
     return [torch.tensor(sep + q + sep + a, dtype=torch.long) for a in ids[1:]]
 
 
-class VideoQaDataset(Dataset):
+class VideoQaDataset(QueryItemDataset):
     """Training/validation TVQA questions, sharded by rank (``ids[rank::world_size]``).
 
     Items are the question ids of ``query_db`` in id2len order, after its q+longest-answer
@@ -88,28 +52,7 @@ class VideoQaDataset(Dataset):
     arguments, kept for API compatibility; only the one-question-per-item mode exists.
     """
 
-    def __init__(self, video_ids, video_db, query_db, max_num_query=5, sampled_by_q=True):
-        if not sampled_by_q:
-            raise ValueError("VideoQaDataset: only sampled_by_q=True (one item per question) "
-                             "is supported, as in every released config")
-        self.video_db = video_db
-        self.query_db = query_db
-        self.vids = video_ids
-        self.max_num_query = max_num_query
-        self.sampled_by_q = sampled_by_q
-        self.vid2dur = getattr(video_db, "vid2dur", {})
-        self.vid2idx = getattr(video_db, "vid2idx", {})
-        self.max_clip_len = video_db.max_clip_len
-        self.frame_interval = video_db.frame_interval
-        self.qids = shard(query_db.ids)
-        check_videos(dict.fromkeys(video_of(query_db, qid) for qid in self.qids), video_db,
-                     f"{db_name(query_db)}/query2video.json")
-
-    def __len__(self):
-        return len(self.qids)
-
-    def getids(self, i):
-        return self.qids[i]
+    item_name = "question"
 
     def __getitem__(self, i):
         qid = self.qids[i]

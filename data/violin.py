@@ -10,12 +10,9 @@ A pair id that cannot be derived or is absent from the database is an error nami
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
-
-from utils.distributed import shard
 
 from .data import txt_input_collate, video_collate
-from .videoQA import check_videos, db_name, extend_video_text, video_of
+from .query_items import QueryItemDataset, db_name, extend_video_text, video_of
 
 
 def pair_id(qid: str, query_db=None) -> str:
@@ -27,35 +24,14 @@ def pair_id(qid: str, query_db=None) -> str:
     return f"{head}-{1 - int(last)}"
 
 
-class ViolinDataset(Dataset):
+class ViolinDataset(QueryItemDataset):
     """Training/validation statements, sharded by rank (``ids[rank::world_size]``).
 
     ``video_ids``, ``max_num_query`` and ``sampled_by_q`` are upstream's arguments, kept for API
     compatibility (eval_violin passes ``sampled_by_q``); items are always statement ids.
     """
 
-    def __init__(self, video_ids, video_db, query_db, max_num_query=5, sampled_by_q=True):
-        if not sampled_by_q:
-            raise ValueError("ViolinDataset: only sampled_by_q=True (one item per statement) is "
-                             "supported, as in every released config")
-        self.video_db = video_db
-        self.query_db = query_db
-        self.vids = video_ids
-        self.max_num_query = max_num_query
-        self.sampled_by_q = sampled_by_q
-        self.vid2dur = getattr(video_db, "vid2dur", {})
-        self.vid2idx = getattr(video_db, "vid2idx", {})
-        self.max_clip_len = video_db.max_clip_len
-        self.frame_interval = video_db.frame_interval
-        self.qids = shard(query_db.ids)
-        check_videos(dict.fromkeys(video_of(query_db, qid) for qid in self.qids), video_db,
-                     f"{db_name(query_db)}/query2video.json")
-
-    def __len__(self):
-        return len(self.qids)
-
-    def getids(self, i):
-        return self.qids[i]
+    item_name = "statement"
 
     def _statement(self, qid, video_inputs):
         """(video copy with ``[SEP] s`` appended, ``[SEP] s``, its mask, ``[label]``)."""

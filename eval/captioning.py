@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from data.loader import move_to_device
 from eval.common import autocast
-from eval.qa import model_device
+from eval.qa import eval_mode, model_device
 from utils.distributed import all_gather_object, broadcast_object, get_rank
 
 LOGGER = logging.getLogger(__name__)
@@ -55,13 +55,12 @@ def result_lines(batch: dict, texts) -> list[dict]:
 def decode_tvc(model, loader, toker, max_gen_step: int = MAX_GEN_STEP, fp16: bool = False,
                bf16: bool = False, use_cache: bool = True) -> list[dict]:
     """Greedy captions of every clip of ``loader`` on every rank, gathered (see module doc)."""
-    model.eval()
     device = model_device(model)
     decode = model.decode if use_cache else model.decode_full_recompute
     local, unknown = [], [0]
     for batch in tqdm(loader, desc="decode tvc", disable=get_rank() != 0, leave=False):
         batch = move_to_device(batch, device)
-        with autocast(device, fp16, bf16):
+        with eval_mode(model), autocast(device, fp16, bf16):
             ids = decode(batch, max_gen_step)
         local += result_lines(batch, [ids_to_text(toker, row, unknown) for row in ids])
     if unknown[0]:

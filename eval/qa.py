@@ -19,6 +19,7 @@ The second half holds the shared command-line driver of ``eval_videoQA.py`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
@@ -61,6 +62,18 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode inside, the previous train/eval mode restored after (training loops call
+    validation mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def check_targets(targets: torch.Tensor, qids, num_classes: int, what: str,
                   lowest: int = -1) -> None:
     """Labels must be a class index or, from ``lowest`` -1, unlabelled; name the first bad id."""
@@ -96,7 +109,6 @@ def validate_videoQA(model, val_loader, task: str = "tvqa", save_logits: bool = 
                      fp16: bool = False, bf16: bool = False):
     """Accuracy / loss of 5-way video QA; ``val_log`` keys ``valid/loss``, ``valid/acc``,
     ``valid/ex_per_s``. Loss = summed CE / #labelled questions."""
-    model.eval()
     device = model_device(model)
     sums = {"loss": 0.0, "correct": 0, "labelled": 0, "n_ex": 0}
     results, logits_out = {}, ({} if save_logits else None)
@@ -104,7 +116,7 @@ def validate_videoQA(model, val_loader, task: str = "tvqa", save_logits: bool = 
     for batch in _batches(val_loader, f"validate {task}"):
         batch = move_to_device(batch, device)
         qids = [str(q) for q in batch["qids"]]
-        with autocast(device, fp16, bf16):
+        with eval_mode(model), autocast(device, fp16, bf16):
             logits = model(batch, task, compute_loss=False)
         logits = logits.float()
         targets = batch["targets"].view(-1)
@@ -154,7 +166,6 @@ def validate_violin(model, val_loader, split: str = "test", save_logits: bool = 
                     fp16: bool = False, bf16: bool = False):
     """VIOLIN entailment: pred = sigmoid(logit) > 0.5; loss = summed BCE / n; keys
     ``valid/{split}_loss``, ``valid/{split}_acc``, ``valid/{split}_ex_per_s``."""
-    model.eval()
     device = model_device(model)
     sums = {"loss": 0.0, "correct": 0, "labelled": 0, "n_ex": 0}
     results, logits_out = {}, ({} if save_logits else None)
@@ -162,7 +173,7 @@ def validate_violin(model, val_loader, split: str = "test", save_logits: bool = 
     for batch in _batches(val_loader, f"validate violin {split}"):
         batch = move_to_device(batch, device)
         qids = [str(q) for q in batch["qids"]]
-        with autocast(device, fp16, bf16):
+        with eval_mode(model), autocast(device, fp16, bf16):
             logits = model(batch, "violin", compute_loss=False)
         logits = logits.float().view(-1, 1)
         targets = batch["targets"].view(-1)

@@ -191,8 +191,7 @@ def run_queries(model, loader, frames, masks, local_vids, video2idx, setting, ra
     vid2local = {v: i for i, v in enumerate(local_vids)}
     to_global = [video2idx[v] for v in local_vids]
     for batch in tqdm(loader, desc="rank queries", leave=False):
-        targets = batch["targets"]
-        if "SVMR" in tasks and col.has_gt and bool((targets < 0).any()):
+        if col.has_gt and bool((batch["targets"] < 0).any()):
             col.has_gt = False
         batch = move_to_device(batch, device)
         need_svmr = "SVMR" in tasks and col.has_gt

@@ -184,3 +184,23 @@ def test_vcmr_nms_is_per_video_and_svmr_keeps_video():
     assert len(out[0]["predictions"]) == 2 and len(res[0]["predictions"]) == 3  # not mutated
     with pytest.raises(ValueError, match="VCMR and SVMR only"):
         post_process_nms(res, "VR", 0.5, 200)
+
+
+# ---------------------------------------------------------------------------- rank merging
+def test_merge_and_rank_weighted_average():
+    """Exact re-scoring of merged shards vs upstream's weighted average of rounded metrics."""
+    from eval.retrieval import merge_submissions, rank_weighted_average
+
+    shard0 = submission(VR=[entry(1, [[0, 0, 0, 1.0]]), entry(2, [[0, 0, 0, 1.0]])])
+    shard1 = {"video2idx": {}, "VR": [entry(3, [[2, 0, 0, 1.0]])]}
+    merged = merge_submissions([shard0, shard1])
+    assert [e["desc_id"] for e in merged["VR"]] == [1, 2, 3]
+    assert merged["video2idx"] == VIDEO2IDX
+    per_rank = [eval_retrieval(shard0, GT[:2], use_desc_type=False),
+                eval_retrieval({**shard1, "video2idx": VIDEO2IDX}, GT[2:],
+                               use_desc_type=False)]
+    exact = eval_retrieval(merged, GT, use_desc_type=False)
+    assert per_rank[0]["VR"]["r1"] == 50.0 and per_rank[1]["VR"]["r1"] == 100.0
+    assert exact["VR"]["r1"] == 66.67
+    avg = rank_weighted_average(per_rank, [2, 1])
+    assert avg["VR"]["r1"] == pytest.approx(200 / 3)

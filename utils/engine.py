@@ -332,7 +332,9 @@ class Trainer:
                 "meters": {k: m.state_dict() for k, m in self.meters.items()},
                 "data": {"meta_step": self.meta_loader.step,
                          "loaders": loaders_state_dict(self._loaders)},
-                "examples": dict(self.examples), "overflows": dict(self.overflows)}
+                "examples": dict(self.examples), "overflows": dict(self.overflows),
+                "zero_grads": [n for n, p in self.model.named_parameters()
+                               if p.grad is not None]}
 
     def _save_state(self) -> None:
         ckpt = Path(self.opts.output_dir) / "ckpt"
@@ -355,9 +357,16 @@ class Trainer:
             self.meters[name].load_state_dict(meter_state)
         self.examples.update(state["examples"])
         self.overflows.update(state["overflows"])
+        self._restore_zero_grads(state["zero_grads"])
         self.global_step = int(state["global_step"])
         LOGGER.info("resumed from %s at update %d", path, self.global_step)
         return state
+
+    def _restore_zero_grads(self, names) -> None:
+        """Zero (not None) grads where the saved run had them: Adam still steps those."""
+        named = dict(self.model.named_parameters())
+        for name in names:
+            named[name].grad = torch.zeros_like(named[name])
 
     def _restore_data_and_rng(self, state) -> None:
         """Last step of setup: nothing may consume RNG between this and the first batch."""
