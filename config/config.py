@@ -217,9 +217,9 @@ def parse_with_config(parser, argv=None):
                 _check_type(args.config, key, value, actions[key])
             setattr(args, key, value)
     del args.config
-    if args.gradient_accumulation_steps < 1:
-        raise ConfigError("gradient_accumulation_steps must be >= 1, "
-                          f"got {args.gradient_accumulation_steps}")
+    accum = getattr(args, "gradient_accumulation_steps", 1)
+    if accum < 1:
+        raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {accum}")
     return args
 
 

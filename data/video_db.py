@@ -73,10 +73,9 @@ class VideoFeatLmdb:
         n = self._nframe(vid)
         where = f"{self.db_dir}[{vid!r}]"
         feats = decode_video(self.db.get(vid), compress=self.compress, where=where)
-        width = self.expected_dim or "dim"
-        if feats.ndim != 2 or feats.shape[1] != (self.expected_dim or feats.shape[1]):
+        if feats.ndim != 2 or (self.expected_dim and feats.shape[1] != self.expected_dim):
             raise ValueError(f"video record {where} has shape {feats.shape}, "
-                             f"expected (n_frames, {width})")
+                             f"expected (n_frames, {self.expected_dim or 'dim'})")
         return torch.from_numpy(np.array(feats[:n], dtype=np.float32))
 
     def __contains__(self, vid) -> bool:

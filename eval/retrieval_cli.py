@@ -84,7 +84,6 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help="vectorised ranking or the plain reference (same results)")
     p.add_argument("--config", default=None, help="JSON file with any of these flags")
     # parse_with_config checks this training flag; eval scripts have no accumulation
-    p.set_defaults(gradient_accumulation_steps=1)
     return p
 
 

@@ -28,11 +28,12 @@ class EchoModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
-        self.tasks = []
+        self.tasks, self.modes = [], []
 
     def forward(self, batch, task, compute_loss=True):
         assert compute_loss is False
         self.tasks.append(task)
+        self.modes.append(self.training)
         return batch["logits"]
 
 
@@ -63,9 +64,11 @@ def test_videoqa_accuracy_loss_and_predictions():
     assert logits["q2"] == pytest.approx(row(1))
 
 
-def test_videoqa_without_logits_returns_none():
-    _, _, logits = validate_videoQA(EchoModel(), QA_BATCHES)
+def test_videoqa_without_logits_returns_none_and_restores_train_mode():
+    model = EchoModel().train()
+    _, _, logits = validate_videoQA(model, QA_BATCHES)
     assert logits is None
+    assert model.modes == [False, False] and model.training
 
 
 def test_videoqa_unlabelled_split_gives_predictions_only(caplog):

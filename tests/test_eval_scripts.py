@@ -182,3 +182,28 @@ def test_inf_tvc_empty_reference_fails_before_decoding(toy_dbs, tvc_run, tmp_pat
     with pytest.raises(CaptionEvalError,
                        match=rf"empty_ref.jsonl:2: clip {lines[1]['clip_id']} has an empty"):
         inf_tvc.main(tvc_argv(tvc_run, target, tmp_path / "out.jsonl"))
+
+
+def test_decoding_paths_agree_and_validate_tvc(toy_dbs, toy_raw, tvc_run, caplog):
+    from types import SimpleNamespace
+
+    from eval.captioning import decode_tvc, ids_to_text, validate_tvc
+    from eval.common import build_eval_model, load_hps
+    from eval.tvc import TVCEval
+    from utils.tokenizer import load_toker
+
+    toker = load_toker(toy_raw / "tokenizer")
+    unknown = [0]
+    text = ids_to_text(toker, [347, 525, 50270, 4], unknown)
+    assert unknown == [1] and text == toker.decode([347, 525, 4])
+    target = toy_dbs / "txt_db" / "tvc_val_release.jsonl"
+    opts = SimpleNamespace(target_clip=str(target), batch_size=3, n_workers=0, no_pin_mem=True)
+    loader = inf_tvc.build_loader(opts, load_hps(tvc_run), torch.device("cpu"))
+    model, _ = build_eval_model(HeroForTvc, tvc_run, STEP, "cpu")
+    model.train()
+    cached = decode_tvc(model, loader, toker, max_gen_step=4)
+    assert cached == decode_tvc(model, loader, toker, max_gen_step=4, use_cache=False)
+    assert model.training
+    val_log, results = validate_tvc(model, loader, TVCEval(target, use_java=False), toker, 4)
+    assert results == cached
+    assert list(val_log) == [k for k in METRIC_KEYS if k != "METEOR"]
