@@ -83,7 +83,6 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     p.add_argument("--ranking_impl", default="fast", choices=IMPLS,
                    help="vectorised ranking or the plain reference (same results)")
     p.add_argument("--config", default=None, help="JSON file with any of these flags")
-    # parse_with_config checks this training flag; eval scripts have no accumulation
     return p
 
 
