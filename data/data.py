@@ -279,10 +279,15 @@ def _load_meta(meta):
 # ---------------------------------------------------------------------------------------------
 # loaders
 # ---------------------------------------------------------------------------------------------
+VFEAT_DIM = 4352  # ResNet-152 (2048) + SlowFast (2304), data.md §1.2
+
+
 def _video_reader(vfeat_path, vfeat_interval, opts):
+    """Reader for the task pipelines; records must be ``opts.vfeat_dim`` (4352) wide, so a
+    mis-built video DB fails on read with the DB and key named instead of inside the model."""
     return VideoFeatLmdb(vfeat_path, getattr(opts, "vfeat_version", "resnet_slowfast"),
                          vfeat_interval, getattr(opts, "compressed_db", False),
-                         opts.max_clip_len)
+                         opts.max_clip_len, expected_dim=getattr(opts, "vfeat_dim", VFEAT_DIM))
 
 
 def load_video_sub_dataset(vfeat_path, sub_txt_db, vfeat_interval, opts):

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from data.data import (
     VideoFeatDataset,
     VideoFeatSubTokDataset,
+    _video_reader,
     exclusive_span,
     inclusive_span,
     load_video_only_dataset,
@@ -307,3 +308,14 @@ def test_collate_real_items_through_dataloader(tv_dbs):
     assert b["f_attn_masks"][5].tolist() == [0, 1, 1, 0, 0]
     assert b["c_attn_masks"][1].tolist() == [1] * 4 + [0] * 6
     assert b["num_subs"] == [4, 2]
+
+
+def test_pipeline_reader_refuses_features_that_are_not_4352_wide(tmp_path):
+    root = tmp_path / "tv"
+    root.mkdir()
+    with VideoLmdbWriter(str(root / "resnet_slowfast_1.5"), compress=False) as writer:
+        writer["v"] = np.zeros((3, 10), np.float32)
+    write_json(str(root / "id2nframe.json"), {"v": 3})
+    reader = _video_reader(str(root), 1.5, SimpleNamespace(max_clip_len=100))
+    with pytest.raises(ValueError, match=r"resnet_slowfast_1.5\['v'\].*4352"):
+        reader["v"]
