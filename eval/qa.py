@@ -216,13 +216,11 @@ def build_qa_parser(desc: str, defaults: dict, splits, tasks=None) -> argparse.A
     add_bool(p, "pin_mem")
     add_bool(p, "save_logits", help="also write {qid: logits} as a pickle")
     p.add_argument("--config", default=None, help="JSON file with any of these flags")
-    p.set_defaults(gradient_accumulation_steps=1)  # checked by parse_with_config
     return p
 
 
 def parse_qa_args(parser, argv=None):
     opts = parse_with_config(parser, argv)
-    del opts.gradient_accumulation_steps
     if opts.output_dir is None:
         raise SystemExit("--output_dir (the training run folder with log/hps.json) is required")
     return opts

@@ -88,7 +88,6 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
 
 def parse_args(kind: str, argv=None):
     opts = parse_with_config(build_parser(kind), argv)
-    del opts.gradient_accumulation_steps
     if opts.output_dir is None:
         raise SystemExit("--output_dir (the training run folder) is required")
     return opts

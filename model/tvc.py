@@ -157,6 +157,12 @@ class HeroForTvc(HeroModel):
         the final pass's argmax at position t.
         """
         memory, mask = self.encode(batch)
+        return self.greedy_from_memory(memory, mask, max_step, use_cache)
+
+    @torch.no_grad()
+    def greedy_from_memory(self, memory: torch.Tensor, mask: torch.Tensor,
+                           max_step: int = MAX_GEN_STEP, use_cache: bool = True) -> torch.Tensor:
+        """The decoding loop of :meth:`greedy_ids` on an already encoded clip memory."""
         ids = memory.new_full((memory.size(0), 1), BOS_ID, dtype=torch.long)
         if max_step <= 0:
             return ids[:, :0]

@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python scripts/benchmark.py data [--corpus DBS] [--workers 0 2] [--num_batches 20]
     python scripts/benchmark.py model [--model_videos 8] [--model_iters 10] [...]
     python scripts/benchmark.py tvc [--corpus DBS --toker DIR] [--tvc_config FILE] [...]
+    python scripts/benchmark.py extract [--extract_seconds 6] [--extract_workers 0 2] [...]
     python scripts/benchmark.py all  [...]
 
 Every line is ``{"figure": str, "value": float, "unit": str, "device": str}``.
@@ -12,7 +13,9 @@ Every line is ``{"figure": str, "value": float, "unit": str, "device": str}``.
 Extension point: a benchmark is a :class:`Bench` in :data:`BENCHMARKS` (sub-command name ->
 ``Bench(help, add_arguments, run)``); ``run(opts)`` returns a list of result dicts. ``model``,
 ``train``, ``vcmr`` and ``tvc`` are meant to be added there with :func:`register`; ``all``
-runs every registered benchmark with the shared flags.
+runs every registered benchmark with the shared flags and writes ``docs/benchmarks.md``: each
+figure beside its reference (the baseline variant of the same run, see :data:`REFERENCE_RULES`)
+and the ratio, with the machine named.
 
 ``data`` measures items/s and batches/s of the VCMR training loader (items = queries) and of
 the pre-training MetaLoader over MLM, MFM-NCE, FOM and VSM with ratios 2:2:1:2 (items =
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -243,18 +247,97 @@ def bench_tvc(opts) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# extract (feature extraction from video files; code in scripts/extract/bench.py)
+# ---------------------------------------------------------------------------------------------
+def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    from scripts.extract.bench import add_arguments
+    add_arguments(parser)
+
+
+@register("extract", "seconds of video extracted per second (ResNet-152 + SlowFast R50), "
+          "decode vs network share, CPU and CUDA", _add_extract_arguments)
+def bench_extract(opts) -> list:
+    from scripts.extract.bench import run
+    return run(opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# train (pre-training loop speed and engine overhead; code in scripts/bench_train.py)
+# ---------------------------------------------------------------------------------------------
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from scripts.bench_train import add_train_arguments
+    add_corpus_arguments(parser)
+    add_train_arguments(parser)
+
+
+@register("train", "pre-training loop updates/s and videos/s; engine overhead over the pure "
+          "model step", _add_train_arguments)
+def bench_train(opts) -> list:
+    from scripts.bench_train import run_train_bench
+    return run_train_bench(opts, corpus_dir, result)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
+# A figure's reference is the same measurement of the baseline variant in the same run.
+REFERENCE_RULES = (("/sdpa/", "/math/"), ("/fast/", "/reference/"), ("/engine/", "/pure/"),
+                   ("/decode_cached/", "/decode_full_recompute/"),
+                   ("/tvc_greedy_cached/", "/tvc_greedy_full/"))
+
+
+def reference_of(figure: str, names) -> str | None:
+    """The figure's baseline in ``names`` (workers=N -> workers=0, sdpa -> math, ...)."""
+    candidates = [figure.replace(a, b) for a, b in REFERENCE_RULES if a in figure]
+    if "/workers=" in figure and "/workers=0/" not in figure:
+        head, tail = figure.split("/workers=", 1)
+        candidates.append(f"{head}/workers=0/{tail.split('/', 1)[1]}")
+    return next((c for c in candidates if c in names and c != figure), None)
+
+
+def benchmarks_markdown(results: list, commands: str) -> str:
+    """docs/benchmarks.md: every figure, its reference and value / reference, machine named."""
+    by_name = {r["figure"]: r for r in results}
+    devices = sorted({r["device"] for r in results})
+    lines = ["# Benchmarks", "",
+             f"Measured with `{commands}` on: {'; '.join(devices)} "
+             f"({platform.platform()}, Python {platform.python_version()}, torch "
+             f"{torch.__version__}), {time.strftime('%Y-%m-%d')}.", "",
+             "Each figure is shown with its reference (the baseline variant measured in the "
+             "same run) and the ratio value / reference; figures that are already ratios "
+             "(unit `x`, `fraction`) stand alone. On a shared machine absolute numbers vary "
+             "from run to run; the ratios are the figures to compare.", "",
+             "| figure | value | unit | reference | reference value | value / reference |",
+             "|---|---:|---|---|---:|---:|"]
+    for r in results:
+        ref = reference_of(r["figure"], by_name)
+        ref_value = by_name[ref]["value"] if ref else None
+        ratio = f"{r['value'] / ref_value:.3f}" if ref_value else "-"
+        lines.append(f"| `{r['figure']}` | {r['value']:g} | {r['unit']} | "
+                     f"{f'`{ref}`' if ref else '-'} | "
+                     f"{'-' if ref_value is None else f'{ref_value:g}'} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def _add_all_arguments(parser: argparse.ArgumentParser) -> None:
     """Union of every benchmark's flags (shared ones such as ``--corpus`` declared once)."""
     for name, bench in BENCHMARKS.items():
         if name != "all":
             bench.add_arguments(parser)
+    parser.add_argument("--docs", default=os.path.join(REPO, "docs", "benchmarks.md"),
+                        help="markdown file to write ('' to skip)")
 
 
-@register("all", "every registered benchmark in turn", _add_all_arguments)
+@register("all", "every registered benchmark in turn; writes docs/benchmarks.md",
+          _add_all_arguments)
 def bench_all(opts) -> list:
-    return [r for name, bench in BENCHMARKS.items() if name != "all" for r in bench.run(opts)]
+    results = [r for name, bench in BENCHMARKS.items() if name != "all" for r in bench.run(opts)]
+    if opts.docs:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.docs)), exist_ok=True)
+        with open(opts.docs, "w") as f:
+            f.write(benchmarks_markdown(results, "python scripts/benchmark.py all"))
+        print(f"wrote {opts.docs}", file=sys.stderr)
+    return results
 
 
 def parse_args(argv=None):

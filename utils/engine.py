@@ -67,7 +67,7 @@ from utils.dist_setup import (
     wrap_model,
 )
 from utils.distributed import all_gather_object, broadcast_object
-from utils.logger import TB_LOGGER, RunningMeter, setup_logging
+from utils.logger import METRICS_LOG, TB_LOGGER, RunningMeter, setup_logging
 from utils.save import (
     ModelSaver,
     latest_training_state,
@@ -138,6 +138,11 @@ class TrainTask:
     def validate(self, model, global_step: int, final: bool = False) -> dict:
         """TensorBoard key -> value; runs on every rank with the model in eval mode."""
         return {}
+
+    def log_update(self, global_step: int, meters: dict) -> None:
+        """Task-specific TensorBoard scalars after each update (every rank; TB step already
+        set), e.g. upstream TVC's bare ``loss`` and ``perf/cap_per_s``; ``meters`` is the
+        engine's ``{key: RunningMeter}``."""
 
 
 def set_random_seed(seed: int) -> None:
@@ -225,6 +230,7 @@ class Trainer:
         self.overflows = defaultdict(int)
         self.scalers: dict = {}
         self.bad_loss = None
+        self.update_losses: list[float] = []
         self.pbar = None
         self._log_file = None
 
@@ -293,6 +299,7 @@ class Trainer:
             self._log_file = str((log_dir / "log.txt").resolve())
         setup_logging(log_dir, self.ctx.rank)
         TB_LOGGER.open(log_dir)
+        METRICS_LOG.open(log_dir)
 
     def _build_model(self):
         model = self.task.build_model().to(self.device)
@@ -414,6 +421,7 @@ class Trainer:
                                  f" task {name}, {describe_batch(batch)}")
             return
         self._meter(f"loss/{name}", value)
+        self.update_losses.append(value)
         for key, comp in components.items():
             self._meter(f"loss/{name}_{key}", float(comp))
 
@@ -472,6 +480,7 @@ class Trainer:
             TB_LOGGER.add_scalar(key, meter.val)
         if name in self.scalers:
             TB_LOGGER.add_scalar(f"loss_scale/{name}", self.scalers[name].get_scale())
+        self._log_raw_update(name, lr, grad_norm)
         self.pbar.update(1)
         self.pbar.set_postfix(task=name, loss=f"{self.meters[f'loss/{name}'].val:.4f}",
                               lr=f"{lr:.2e}", refresh=False)
@@ -482,6 +491,14 @@ class Trainer:
                         name, lr, norm, losses)
         if step % PERF_EVERY == 0:
             self._log_throughput()
+        self.task.log_update(step, self.meters)
+
+    def _log_raw_update(self, name: str, lr: float, grad_norm) -> None:
+        """``log/metrics.jsonl``: the update's raw mean micro-batch loss (not smoothed)."""
+        losses, self.update_losses = self.update_losses, []
+        METRICS_LOG.write(step=self.global_step, task=name,
+                          loss=sum(losses) / len(losses) if losses else None, lr=lr,
+                          grad_norm=grad_norm)
 
     def _log_throughput(self) -> None:
         """``perf/{task}_ex_per_s``: examples of all ranks since this session started."""
@@ -524,6 +541,8 @@ class Trainer:
         for key, value in (metrics or {}).items():
             TB_LOGGER.add_scalar(key, value, self.global_step)
             LOGGER.info("  %s: %.6g", key, value)
+        METRICS_LOG.write(step=self.global_step, final=final,
+                          valid={k: float(v) for k, v in (metrics or {}).items()})
 
     def finish(self) -> None:
         """After the loop (§3.8): final validation/save per ``final_ckpt_suffix``."""
@@ -542,6 +561,7 @@ class Trainer:
         if self.pbar is not None:
             self.pbar.close()
         TB_LOGGER.close()
+        METRICS_LOG.close()
         root = logging.getLogger()
         for handler in [h for h in root.handlers
                         if getattr(h, "baseFilename", None) == self._log_file]:

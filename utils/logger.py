@@ -5,6 +5,7 @@ TensorBoard writer that does nothing, so call sites need no rank checks.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -63,6 +64,36 @@ class TbLogger:
 
 
 TB_LOGGER = TbLogger()
+
+
+class JsonlLogger:
+    """``log/metrics.jsonl`` on rank 0: one JSON object per update and per validation.
+
+    Why: TensorBoard only gets the running meters (smoothing 0.99), which barely move over the
+    few hundred updates of a demo run; this file keeps the raw per-update loss and every
+    validation metric in a form ``scripts/make_report.py`` reads without TensorBoard. Appended
+    to, so a resumed run continues it (readers keep the last record per step).
+    """
+
+    def __init__(self):
+        self._file = None
+
+    def open(self, log_dir) -> None:
+        if get_rank() == 0:
+            self._file = open(Path(log_dir) / "metrics.jsonl", "a", encoding="utf-8")
+
+    def write(self, **record) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record, default=float) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+METRICS_LOG = JsonlLogger()
 
 
 class RunningMeter:
