@@ -265,8 +265,12 @@ def plot_metrics(rows: list, path: Path) -> Path:
     """Grouped bars per task: pre-trained+fine-tuned, from scratch, chance."""
     plt = _pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    ncols = min(3, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    for ax, task in zip(axes.flat, tasks):
         mine = [r for r in rows if r["task"] == task]
         for j, (col, label) in enumerate((("pretrained", "pre-trained + FT"),
                                           ("scratch", "from scratch"), ("chance", "chance"))):
