@@ -37,6 +37,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from config.config import ConfigError, SharedConfigs, parse_with_config
@@ -46,7 +47,7 @@ from data.resumable import build_resumable_loader
 from data.tvc import TvcTrainDataset, TvcValDataset
 from data.txt_db import CaptionTokLmdb
 from eval.captioning import validate_tvc
-from eval.tvc import TVCEval
+from eval.tvc import TVCEval, read_references
 from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict
 from model.tvc import HeroForTvc
 from train_videoQA import init_state_dict
@@ -78,6 +79,24 @@ def write_captions(output_dir, step: int, results: list) -> Path:
     if get_rank() == 0:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in results))
     return path
+
+
+def most_frequent_caption(caption_db_dir) -> str:
+    """The caption text occurring most often in a caption DB's clips (ties: the first in clip
+    order); the constant output of the chance-level baseline the demo compares against."""
+    db = CaptionTokLmdb(str(caption_db_dir))
+    counts = Counter(cap["text"] for clips in db.vid2clips.values() for clip in clips
+                     for cap in db.get_clip(clip)["captions"])
+    if not counts:
+        raise ValueError(f"caption DB {caption_db_dir} holds no caption")
+    return counts.most_common(1)[0][0]
+
+
+def constant_caption_scores(caption: str, ref_path, use_java: bool | None = None) -> dict:
+    """Scores of predicting ``caption`` for every clip of ``ref_path`` (TVCEval)."""
+    results = [{"clip_id": clip, "descs": [{"desc": caption}]}
+               for clip in read_references(ref_path)]
+    return TVCEval(ref_path, use_java)(results)
 
 
 class TvcTask(TrainTask):

@@ -57,9 +57,11 @@ from utils.engine import Trainer, TrainTask, add_run_args
 
 LOGGER = logging.getLogger(__name__)
 QUERY_DB_KEYS = ("train_query_txt_db", "val_query_txt_db", "test_query_txt_db")
+DATASET_KINDS = ("train", "loss_val", "full_eval")
 
 
 def test_split_name(query_txt_db: str) -> str:
+    """``test_public`` for a DB folder named like TVR's unlabelled split, else ``test``."""
     return "test_public" if "test_public" in os.path.basename(os.path.normpath(
         query_txt_db)) else "test"
 
@@ -74,7 +76,7 @@ class VcmrTask(TrainTask):
     model_cls = HeroForVcmr
     query_db_cls = QueryTokLmdb
     terms = ("st_ed", "neg_ctx", "neg_q")
-    # (train, loss validation, full evaluation) dataset classes, by video_only
+    # dataset classes by video_only, in DATASET_KINDS order
     dataset_classes = {False: (VcmrDataset, VcmrEvalDataset, VcmrFullEvalDataset),
                        True: (VcmrVideoOnlyDataset, VcmrVideoOnlyEvalDataset,
                               VcmrVideoOnlyFullEvalDataset)}
@@ -86,6 +88,7 @@ class VcmrTask(TrainTask):
         self._video_db = None
         self._val_loader = None
         self._full_eval_loaders = None
+        self._n_constant = 0
 
     # ------------------------------------------------------------------ inputs
     def required_paths(self) -> dict:
@@ -113,15 +116,15 @@ class VcmrTask(TrainTask):
                                                         opts.vfeat_interval, opts)
         return self._video_db
 
-    def make_dataset(self, kind: int, db_path: str, max_txt_len: int = -1, **kwargs):
-        """Dataset ``kind`` (0 train, 1 loss validation, 2 full evaluation) over a query DB."""
-        cls = self.dataset_classes[self.video_only][kind]
+    def make_dataset(self, kind: str, db_path: str, max_txt_len: int = -1, **kwargs):
+        """A ``train``, ``loss_val`` or ``full_eval`` dataset over the query DB ``db_path``."""
+        cls = self.dataset_classes[self.video_only][DATASET_KINDS.index(kind)]
         return cls(get_video_ids(db_path), self.video_db(),
                    self.query_db_cls(db_path, max_txt_len), **kwargs)
 
     def build_train_loaders(self) -> dict:
         opts = self.opts
-        dataset = self.make_dataset(0, opts.train_query_txt_db, opts.max_txt_len)
+        dataset = self.make_dataset("train", opts.train_query_txt_db, opts.max_txt_len)
         loader = build_resumable_loader(dataset, vcmr_collate, opts, opts.task,
                                         device=self.device)
         return {opts.task: (loader, 1)}
@@ -162,13 +165,29 @@ class VcmrTask(TrainTask):
     def compute_loss(self, model, task: str, batch):
         out = model(batch, task=self.opts.task, compute_loss=True)
         loss = sum(out).mean()
+        if not loss.requires_grad:
+            loss = self._constant_loss(loss, batch)
         weights = self.term_weights(unwrap_model(model))
         components = {term: float(value.detach().mean()) / (w if w else 1.0)
                       for term, value, w in zip(self.terms, out, weights)}
         return loss, components
 
+    def _constant_loss(self, loss, batch):
+        """A micro-batch with nothing to learn from (one video, so no negatives, and the span
+        loss skipped by ``drop_svmr_prob``) gives zero gradients instead of failing backward;
+        such batches are counted; the count is logged at every validation."""
+        self._n_constant += 1
+        if self._n_constant == 1:
+            LOGGER.warning("micro-batch of %d quer(ies) gives a constant loss (no in-batch "
+                           "negative, span loss skipped): it contributes zero gradients",
+                           batch["query_input_ids"].size(0))
+        return loss.detach().requires_grad_()
+
     # ------------------------------------------------------------------ validation
     def validate(self, model, global_step: int, final: bool = False) -> dict:
+        if self._n_constant:
+            LOGGER.info("%d training micro-batch(es) so far had a constant loss (zero "
+                        "gradients)", self._n_constant)
         metrics = {} if final else self.loss_validation(model)
         suffix = "_final" if final else ""
         for split, loader in self.full_eval_loaders().items():
@@ -191,19 +210,22 @@ class VcmrTask(TrainTask):
             dbs = {"val": opts.val_query_txt_db}
             if getattr(opts, "test_query_txt_db", None):
                 dbs[test_split_name(opts.test_query_txt_db)] = opts.test_query_txt_db
-            batch_size = getattr(opts, self.full_eval_batch_key)
-            self._full_eval_loaders = {
-                split: DataLoader(self.make_dataset(2, db, distributed=opts.distributed_eval),
-                                  batch_size=batch_size, shuffle=False,
-                                  num_workers=opts.n_workers, collate_fn=vcmr_full_eval_collate,
-                                  pin_memory=opts.pin_mem and self.device.type == "cuda")
-                for split, db in dbs.items()}
+            self._full_eval_loaders = {split: self._full_eval_loader(db)
+                                       for split, db in dbs.items()}
         return self._full_eval_loaders
+
+    def _full_eval_loader(self, db_path: str) -> DataLoader:
+        opts = self.opts
+        dataset = self.make_dataset("full_eval", db_path, distributed=opts.distributed_eval)
+        return DataLoader(dataset, batch_size=getattr(opts, self.full_eval_batch_key),
+                          shuffle=False, num_workers=opts.n_workers,
+                          collate_fn=vcmr_full_eval_collate,
+                          pin_memory=opts.pin_mem and self.device.type == "cuda")
 
     def loss_validation(self, model) -> dict:
         """Summed loss terms over the val queries (all ranks), normalised by their counts."""
         if self._val_loader is None:
-            dataset = self.make_dataset(1, self.opts.val_query_txt_db)
+            dataset = self.make_dataset("loss_val", self.opts.val_query_txt_db)
             self._val_loader = PrefetchLoader(
                 build_dataloader(dataset, vcmr_eval_collate, False, self.opts), self.device)
         start, sums = time.time(), defaultdict(float)

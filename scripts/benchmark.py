@@ -284,6 +284,7 @@ def bench_train(opts) -> list:
 REFERENCE_RULES = (("/sdpa/", "/math/"), ("/fast/", "/reference/"), ("/engine/", "/pure/"),
                    ("/decode_cached/", "/decode_full_recompute/"),
                    ("/tvc_greedy_cached/", "/tvc_greedy_full/"))
+RATIO_UNITS = ("x", "fraction", "bool")
 
 
 def reference_of(figure: str, names) -> str | None:
@@ -310,7 +311,7 @@ def benchmarks_markdown(results: list, commands: str) -> str:
              "| figure | value | unit | reference | reference value | value / reference |",
              "|---|---:|---|---|---:|---:|"]
     for r in results:
-        ref = reference_of(r["figure"], by_name)
+        ref = None if r["unit"] in RATIO_UNITS else reference_of(r["figure"], by_name)
         ref_value = by_name[ref]["value"] if ref else None
         ratio = f"{r['value'] / ref_value:.3f}" if ref_value else "-"
         lines.append(f"| `{r['figure']}` | {r['value']:g} | {r['unit']} | "

@@ -336,12 +336,14 @@ def timings_section(demo_dir: Path) -> list:
     path = demo_dir / "timings.tsv"
     if not path.is_file():
         return []
-    lines = ["## Demo steps", "", "| step | seconds | |", "|---|---:|---|"]
+    lines = ["## Demo steps", "", "Build time of every step (a reused step shows the time it "
+             "took when it was built).", "", "| step | seconds | this run |", "|---|---:|---|"]
     total = 0.0
     for line in path.read_text().splitlines():
         name, secs, how = line.split("\t")
-        total += float(secs)
-        lines.append(f"| {name} | {float(secs):.0f} | {how} |")
+        secs = float(secs) if secs.strip() else 0.0
+        total += secs
+        lines.append(f"| {name} | {secs:.0f} | {how} |")
     return lines + [f"| **total** | **{total:.0f}** | |", ""]
 
 
