@@ -40,10 +40,11 @@ from eval.common import (
     require_hps,
     write_json_atomic,
 )
-from eval.qa import DATA_KEYS, LOG_FORMAT
+from eval.qa import DATA_KEYS
 from eval.tvc import TVCEval
 from model.tvc import HeroForTvc
 from utils.distributed import get_rank
+from utils.logger import console_logging
 from utils.save import atomic_write_text
 from utils.tokenizer import load_toker
 
@@ -126,8 +127,7 @@ def write_outputs(opts, results, evaluator) -> dict | None:
 
 def main(argv=None):
     """Returns ``(results, scores)``; scores None without references or off rank 0."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format=LOG_FORMAT, datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    console_logging()
     opts = parse_args(argv)
     device = init_distributed()
     hps = load_hps(opts.model_dir)

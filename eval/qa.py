@@ -49,9 +49,9 @@ from eval.common import (
     write_json_atomic,
 )
 from utils.distributed import all_gather_object, get_rank
+from utils.logger import console_logging
 
 LOGGER = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s -   %(message)s"
 
 
 class QaEvalError(ValueError):
@@ -262,8 +262,7 @@ def write_qa_outputs(opts, val_log: dict, results: dict, logits) -> Path:
 
 def run_qa_eval(opts, model_cls, validate, task: str, dataset_cls, collate, **dataset_kwargs):
     """Shared body of the two scripts; returns ``(val_log, results, logits)``."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format=LOG_FORMAT, datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    console_logging()
     device = init_distributed()
     hps = load_hps(opts.output_dir)
     require_hps(hps, DATA_KEYS, opts.output_dir)

@@ -39,9 +39,9 @@ from eval.common import (
 from eval.retrieval import gather_submission, validate_full_vcmr, validate_full_vr
 from eval.vcmr_ranking import IMPLS
 from utils.distributed import get_rank
+from utils.logger import console_logging
 
 LOGGER = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s -   %(message)s"
 DATA_KEYS = ("vfeat_interval", "max_clip_len")
 DATA_DEFAULTS = dict(vfeat_version="resnet_slowfast", compressed_db=False, sub_ctx_len=0)
 HPS_KEYS = {
@@ -128,8 +128,7 @@ def model_kwargs(hps, kind: str) -> dict:
 
 def run(kind: str, argv=None):
     """Evaluate one checkpoint; returns ``(val_log, merged submission)``."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format=LOG_FORMAT, datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    console_logging()
     opts = parse_args(kind, argv)
     device = init_distributed()
     hps = load_hps(opts.output_dir)

@@ -16,12 +16,17 @@ DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
 LOGGER = logging.getLogger("hero")
 
 
+def console_logging() -> None:
+    """Console logging in upstream's format, unless the process configured logging already."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format=LOG_FORMAT, datefmt=DATE_FORMAT, level=logging.INFO)
+
+
 def setup_logging(log_dir=None, rank: int | None = None) -> logging.Logger:
     """Configure the ``hero`` logger (console, and ``log_dir/log.txt`` on rank 0)."""
     rank = get_rank() if rank is None else rank
     root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format=LOG_FORMAT, datefmt=DATE_FORMAT, level=logging.INFO)
+    console_logging()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     if rank == 0 and log_dir is not None:
         path = Path(log_dir) / "log.txt"
