@@ -37,7 +37,8 @@ from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict, read_state_d
 from model.pretrain import HeroForPretraining
 from utils.dist_setup import unwrap_model
 from utils.distributed import all_gather_object
-from utils.engine import Trainer, TrainTask, add_run_args
+from utils.engine import TrainTask
+from utils.entry import parse_task_args, run_training
 
 LOGGER = logging.getLogger(__name__)
 TASKS = ("mlm", "mfm-nce", "mffr", "fom", "vsm")
@@ -290,14 +291,11 @@ FINALIZERS = {"mlm": fin_mlm, "mffr": fin_mffr, "mfm-nce": fin_mfm_nce, "fom": f
 
 
 def parse_args(argv=None):
-    cfg = SharedConfigs("HERO pre-training")
-    add_run_args(cfg.parser)
-    return cfg.get_pretrain_args(argv)
+    return parse_task_args("HERO pre-training", SharedConfigs.get_pretrain_args, argv)
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    return Trainer(PretrainTask(opts), opts).run()
+    return run_training(PretrainTask, parse_args, argv)
 
 
 if __name__ == "__main__":

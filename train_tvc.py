@@ -52,7 +52,8 @@ from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict
 from model.tvc import HeroForTvc
 from train_videoQA import init_state_dict
 from utils.distributed import all_gather_object, get_rank
-from utils.engine import PERF_EVERY, Trainer, TrainTask, add_run_args
+from utils.engine import PERF_EVERY, TrainTask, add_run_args
+from utils.entry import run_training
 from utils.logger import TB_LOGGER
 from utils.save import atomic_write_text
 from utils.tokenizer import load_toker
@@ -211,8 +212,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    return Trainer(TvcTask(opts), opts).run()
+    return run_training(TvcTask, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict, read_state_d
 from model.vcmr import HeroForVcmr
 from utils.dist_setup import unwrap_model
 from utils.distributed import all_gather_object, get_rank
-from utils.engine import Trainer, TrainTask, add_run_args
+from utils.engine import TrainTask
+from utils.entry import parse_task_args, run_training
 
 LOGGER = logging.getLogger(__name__)
 QUERY_DB_KEYS = ("train_query_txt_db", "val_query_txt_db", "test_query_txt_db")
@@ -257,14 +258,12 @@ class VcmrTask(TrainTask):
 
 
 def parse_args(argv=None):
-    cfg = SharedConfigs("HERO VCMR fine-tuning (TVR, How2R, DiDeMo)")
-    add_run_args(cfg.parser)
-    return cfg.get_vcmr_args(argv)
+    return parse_task_args("HERO VCMR fine-tuning (TVR, How2R, DiDeMo)",
+                           SharedConfigs.get_vcmr_args, argv)
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    return Trainer(VcmrTask(opts), opts).run()
+    return run_training(VcmrTask, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ from eval.qa import validate_videoQA
 from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict, read_state_dict
 from model.videoQA import HeroForVideoQA
 from utils.distributed import get_rank
-from utils.engine import Trainer, TrainTask, add_run_args, describe_batch
+from utils.engine import TrainTask, describe_batch
+from utils.entry import parse_task_args, run_training
 
 LOGGER = logging.getLogger(__name__)
 
@@ -166,16 +167,12 @@ class VideoQaTask(TrainTask):
 
 
 def parse_args(argv=None):
-    cfg = SharedConfigs("HERO video QA fine-tuning (TVQA / How2QA)")
-    add_run_args(cfg.parser)
-    opts = cfg.get_videoQA_args(argv)
-    opts.checkpoint = opts.checkpoint or None
-    return opts
+    return parse_task_args("HERO video QA fine-tuning (TVQA / How2QA)",
+                           SharedConfigs.get_videoQA_args, argv, empty_checkpoint_is_none=True)
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    return Trainer(VideoQaTask(opts), opts).run()
+    return run_training(VideoQaTask, parse_args, argv)
 
 
 if __name__ == "__main__":

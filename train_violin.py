@@ -29,7 +29,7 @@ from eval.qa import validate_violin
 from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict
 from model.violin import VIOLIN_MAX_FRM_SEQ_LEN, HeroForViolin
 from train_videoQA import VideoQaTask, init_state_dict
-from utils.engine import Trainer, add_run_args
+from utils.entry import parse_task_args, run_training
 
 
 class ViolinTask(VideoQaTask):
@@ -56,16 +56,12 @@ class ViolinTask(VideoQaTask):
 
 
 def parse_args(argv=None):
-    cfg = SharedConfigs("HERO VIOLIN fine-tuning")
-    add_run_args(cfg.parser)
-    opts = cfg.get_violin_args(argv)
-    opts.checkpoint = opts.checkpoint or None
-    return opts
+    return parse_task_args("HERO VIOLIN fine-tuning",
+                           SharedConfigs.get_violin_args, argv, empty_checkpoint_is_none=True)
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    return Trainer(ViolinTask(opts), opts).run()
+    return run_training(ViolinTask, parse_args, argv)
 
 
 if __name__ == "__main__":

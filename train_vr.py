@@ -30,7 +30,7 @@ from data.vr import (
 from eval.retrieval import validate_full_vr
 from model.vr import VR_TASKS, HeroForVr
 from train_vcmr import VcmrTask
-from utils.engine import Trainer, add_run_args
+from utils.entry import parse_task_args, run_training
 
 
 class VrTask(VcmrTask):
@@ -64,14 +64,12 @@ class VrTask(VcmrTask):
 
 
 def parse_args(argv=None):
-    cfg = SharedConfigs("HERO video retrieval fine-tuning (MSR-VTT)")
-    add_run_args(cfg.parser)
-    return cfg.get_vr_args(argv)
+    return parse_task_args("HERO video retrieval fine-tuning (MSR-VTT)",
+                           SharedConfigs.get_vr_args, argv)
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    return Trainer(VrTask(opts), opts).run()
+    return run_training(VrTask, parse_args, argv)
 
 
 if __name__ == "__main__":

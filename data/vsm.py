@@ -20,7 +20,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from data.data import TXT_PAD, _segment_frames, video_collate, vsm_span
+from data.data import TXT_PAD, segment_frames, video_collate, vsm_span
 from data.mlm import context_text
 from utils.distributed import shard
 
@@ -86,14 +86,11 @@ class VsmDataset(Dataset):
         sub_ids = self.txt_db[vid]["input_ids"]
         sampled = sample_queries(pairs, self.query_per_video)
         drop = {sub_idx for sub_idx, _ in sampled}
-        seg_ids, seg_feats, seg_masks = [], [], []
-        for sub_idx, frames in pairs:
-            text = [self.txt_db.sep] + context_text(sub_ids, sub_idx, self.sub_ctx_len,
-                                                    self.max_txt_len, drop)
-            feats, mask = _segment_frames(clip_feats, frames, num_frames, len(text))
-            seg_ids.append(torch.tensor(text, dtype=torch.long))
-            seg_feats.append(feats)
-            seg_masks.append(mask)
+        texts = [[self.txt_db.sep] + context_text(sub_ids, sub_idx, self.sub_ctx_len,
+                                                  self.max_txt_len, drop) for sub_idx, _ in pairs]
+        seg_feats, seg_masks = segment_frames(clip_feats, [f for _, f in pairs],
+                                              [len(t) for t in texts])
+        seg_ids = [torch.tensor(t, dtype=torch.long) for t in texts]
         clip_mask = torch.ones(num_frames, dtype=torch.long)
         video = (seg_ids, seg_feats, seg_masks, clip_feats, clip_mask, len(pairs), pairs)
         queries = build_queries(sampled, sub_ids, self.txt_db.cls_, num_frames, vid,

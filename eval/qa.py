@@ -104,33 +104,47 @@ def _batches(loader, desc: str):
     return tqdm(loader, desc=desc, disable=get_rank() != 0, leave=False)
 
 
-@torch.no_grad()
 def validate_videoQA(model, val_loader, task: str = "tvqa", save_logits: bool = False,
                      fp16: bool = False, bf16: bool = False):
     """Accuracy / loss of 5-way video QA; ``val_log`` keys ``valid/loss``, ``valid/acc``,
     ``valid/ex_per_s``. Loss = summed CE / #labelled questions."""
+    return _validate(model, val_loader, task, _score_qa, save_logits, fp16, bf16,
+                     desc=f"validate {task}", what=f"{task} questions", prefix="valid/")
+
+
+def validate_violin(model, val_loader, split: str = "test", save_logits: bool = False,
+                    fp16: bool = False, bf16: bool = False):
+    """VIOLIN entailment: pred = sigmoid(logit) > 0.5; loss = summed BCE / n; keys
+    ``valid/{split}_loss``, ``valid/{split}_acc``, ``valid/{split}_ex_per_s``."""
+    return _validate(model, val_loader, "violin", _score_violin, save_logits, fp16, bf16,
+                     desc=f"validate violin {split}", what="statements",
+                     prefix=f"valid/{split}_")
+
+
+@torch.no_grad()
+def _validate(model, val_loader, task: str, score, save_logits, fp16, bf16, *, desc, what,
+              prefix):
+    """The loop both validators share; ``score(sums, logits, targets, qids)`` checks the
+    targets, adds to ``sums`` and returns ``(predictions, logits to save)``."""
     device = model_device(model)
     sums = {"loss": 0.0, "correct": 0, "labelled": 0, "n_ex": 0}
     results, logits_out = {}, ({} if save_logits else None)
     start = time.time()
-    for batch in _batches(val_loader, f"validate {task}"):
+    for batch in _batches(val_loader, desc):
         batch = move_to_device(batch, device)
         qids = [str(q) for q in batch["qids"]]
         with eval_mode(model), autocast(device, fp16, bf16):
             logits = model(batch, task, compute_loss=False)
-        logits = logits.float()
-        targets = batch["targets"].view(-1)
-        check_targets(targets, qids, logits.size(1), "question")
-        _accumulate(sums, logits, targets)
-        _record(results, logits_out, qids, logits.argmax(dim=-1).tolist(), logits)
+        preds, logits = score(sums, logits.float(), batch["targets"].view(-1), qids)
+        _record(results, logits_out, qids, preds, logits)
     sums = gather_sums(sums)
-    val_log = _val_log(sums, time.time() - start, "valid/loss", "valid/acc", "valid/ex_per_s",
-                       f"{task} questions")
+    val_log = _val_log(sums, time.time() - start, prefix, what)
     return val_log, gather_dicts(results), gather_dicts(logits_out)
 
 
-def _accumulate(sums: dict, logits, targets) -> None:
-    """Add the labelled rows' summed CE and correct count; count every row."""
+def _score_qa(sums: dict, logits, targets, qids):
+    """Summed CE and correct count of the labelled rows; every row is counted and predicted."""
+    check_targets(targets, qids, logits.size(1), "question")
     labelled = targets >= 0
     sums["n_ex"] += targets.numel()
     if labelled.any():
@@ -138,6 +152,19 @@ def _accumulate(sums: dict, logits, targets) -> None:
                                         reduction="sum").item()
         sums["correct"] += (logits[labelled].argmax(-1) == targets[labelled]).sum().item()
         sums["labelled"] += int(labelled.sum())
+    return logits.argmax(dim=-1).tolist(), logits
+
+
+def _score_violin(sums: dict, logits, targets, qids):
+    """Every statement is labelled (0/1); BCE on the sigmoid, prediction at 0.5."""
+    check_targets(targets, qids, 2, "statement", lowest=0)
+    probs = torch.sigmoid(logits.view(-1))
+    preds = (probs > 0.5).long()
+    sums["n_ex"] += targets.numel()
+    sums["labelled"] += targets.numel()
+    sums["loss"] += F.binary_cross_entropy(probs, targets.float(), reduction="sum").item()
+    sums["correct"] += (preds == targets).sum().item()
+    return preds.tolist(), logits.view(-1, 1)
 
 
 def _record(results: dict, logits_out, qids, preds, logits) -> None:
@@ -148,47 +175,17 @@ def _record(results: dict, logits_out, qids, preds, logits) -> None:
             logits_out[qid] = row
 
 
-def _val_log(sums: dict, elapsed: float, loss_key: str, acc_key: str, speed_key: str,
-             what: str) -> dict:
-    val_log = {speed_key: sums["n_ex"] / max(elapsed, 1e-9)}
+def _val_log(sums: dict, elapsed: float, prefix: str, what: str) -> dict:
+    """``{prefix}ex_per_s`` always; ``{prefix}loss`` and ``{prefix}acc`` over labelled items."""
+    val_log = {f"{prefix}ex_per_s": sums["n_ex"] / max(elapsed, 1e-9)}
     unlabelled = sums["n_ex"] - sums["labelled"]
     if unlabelled:
         LOGGER.info("%d of %d %s have no label (target -1): predictions only, not scored",
                     unlabelled, sums["n_ex"], what)
     if sums["labelled"]:
-        val_log[loss_key] = sums["loss"] / sums["labelled"]
-        val_log[acc_key] = sums["correct"] / sums["labelled"]
+        val_log[f"{prefix}loss"] = sums["loss"] / sums["labelled"]
+        val_log[f"{prefix}acc"] = sums["correct"] / sums["labelled"]
     return val_log
-
-
-@torch.no_grad()
-def validate_violin(model, val_loader, split: str = "test", save_logits: bool = False,
-                    fp16: bool = False, bf16: bool = False):
-    """VIOLIN entailment: pred = sigmoid(logit) > 0.5; loss = summed BCE / n; keys
-    ``valid/{split}_loss``, ``valid/{split}_acc``, ``valid/{split}_ex_per_s``."""
-    device = model_device(model)
-    sums = {"loss": 0.0, "correct": 0, "labelled": 0, "n_ex": 0}
-    results, logits_out = {}, ({} if save_logits else None)
-    start = time.time()
-    for batch in _batches(val_loader, f"validate violin {split}"):
-        batch = move_to_device(batch, device)
-        qids = [str(q) for q in batch["qids"]]
-        with eval_mode(model), autocast(device, fp16, bf16):
-            logits = model(batch, "violin", compute_loss=False)
-        logits = logits.float().view(-1, 1)
-        targets = batch["targets"].view(-1)
-        check_targets(targets, qids, 2, "statement", lowest=0)
-        probs = torch.sigmoid(logits.view(-1))
-        preds = (probs > 0.5).long()
-        sums["n_ex"] += targets.numel()
-        sums["labelled"] += targets.numel()
-        sums["loss"] += F.binary_cross_entropy(probs, targets.float(), reduction="sum").item()
-        sums["correct"] += (preds == targets).sum().item()
-        _record(results, logits_out, qids, preds.tolist(), logits)
-    sums = gather_sums(sums)
-    val_log = _val_log(sums, time.time() - start, f"valid/{split}_loss", f"valid/{split}_acc",
-                       f"valid/{split}_ex_per_s", "statements")
-    return val_log, gather_dicts(results), gather_dicts(logits_out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ Decisions:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from data.loader import move_to_device
 from data.vcmr import VideoCorpusDataset, split_video2idx, video_corpus_collate
 from eval.common import autocast
 from eval.nms import post_process_nms
+from eval.qa import eval_mode, model_device
 from eval.vcmr_ranking import encode_video_corpus, rank_batch, span_probs
 from utils.distributed import all_gather_object, get_world_size
 from utils.tvr_standalone_eval import eval_retrieval
@@ -328,51 +328,44 @@ def finish_vcmr(col, dataset, video2idx, setting, split):
     return submission, val_log
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _encode_and_rank(model, val_loader, split, setting, raw_ids):
+def _rank_all_queries(model, val_loader, split, setting, raw_ids):
+    """The prologue both validators share: unwrap DDP, encode the corpus and rank every query in
+    eval mode. Returns ``(collector, video2idx, start time)``."""
+    model = getattr(model, "module", model)
+    start = time.time()
     dataset = val_loader.dataset
     vids, video2idx = corpus_index(dataset, split)
-    device = next(model.parameters()).device
-    frames, masks, local_vids = encode_corpus(model, dataset, vids, setting, device)
-    col = run_queries(model, val_loader, frames, masks, local_vids, video2idx, setting,
-                      raw_ids)
-    return col, video2idx
+    with eval_mode(model):
+        frames, masks, local_vids = encode_corpus(model, dataset, vids, setting,
+                                                  model_device(model))
+        col = run_queries(model, val_loader, frames, masks, local_vids, video2idx, setting,
+                          raw_ids)
+    return col, video2idx, start
+
+
+def _queries_per_s(col, start) -> float:
+    return col.n_queries / max(time.time() - start, 1e-9)
 
 
 def validate_full_vcmr(model, val_loader, split, opts, model_opts=None, impl="fast"):
     """Full-corpus VCMR/SVMR/VR of ``val_loader``'s queries (§5.1): (val_log, submission)."""
     setting = vcmr_setting(opts, model_opts, impl)
-    model = getattr(model, "module", model)
-    start = time.time()
-    with _eval_mode(model):
-        col, video2idx = _encode_and_rank(model, val_loader, split, setting, raw_ids=False)
+    col, video2idx, start = _rank_all_queries(model, val_loader, split, setting, raw_ids=False)
     submission, val_log = finish_vcmr(col, val_loader.dataset, video2idx, setting, split)
-    val_log[f"valid/vcmr_{split}_ex_per_s"] = col.n_queries / max(time.time() - start, 1e-9)
+    val_log[f"valid/vcmr_{split}_ex_per_s"] = _queries_per_s(col, start)
     return val_log, submission
 
 
 def validate_full_vr(model, val_loader, split, opts, model_opts=None, impl="fast"):
     """MSR-VTT video retrieval (§5.6): raw cosine scores, VR metrics only."""
     setting = vr_setting(opts, model_opts, impl)
-    model = getattr(model, "module", model)
-    start = time.time()
-    with _eval_mode(model):
-        col, video2idx = _encode_and_rank(model, val_loader, split, setting, raw_ids=True)
+    col, video2idx, start = _rank_all_queries(model, val_loader, split, setting, raw_ids=True)
     submission = {**_truncate(col.lists, setting.k_videos), "video2idx": video2idx}
     val_log = {}
     if "VR" in submission:
         val_log = _log_metrics(split, setting, submission,
                                ground_truth_for(val_loader.dataset, patch_vr=True))
-    val_log[f"valid/vr_{split}_ex_per_s"] = col.n_queries / max(time.time() - start, 1e-9)
+    val_log[f"valid/vr_{split}_ex_per_s"] = _queries_per_s(col, start)
     return val_log, submission
 
 

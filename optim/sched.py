@@ -9,8 +9,13 @@ MIN_LR = 1e-8
 
 
 def warmup_linear(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Upstream's factor, except that ``warmup_steps == total_steps`` (where upstream divides
+    by zero) has an empty decay: 0 from the last warm-up step on, so the final update gets the
+    1e-8 floor as in every other run."""
     if step < warmup_steps:
         return step / warmup_steps
+    if total_steps == warmup_steps:
+        return 0.0
     return max(0.0, (total_steps - step) / (total_steps - warmup_steps))
 
 

@@ -17,6 +17,7 @@ from data.data import (
     inclusive_span,
     load_video_only_dataset,
     load_video_sub_dataset,
+    segment_frames,
     ts_string_span,
     txt_input_collate,
     video_collate,
@@ -215,6 +216,33 @@ def test_ts_string_span_failures_give_minus_one():
     assert ts_string_span("NaN-NaN", 1.5, 10) == (-1, -1)
     assert ts_string_span(None, 1.5, 10) == (-1, -1)
     assert ts_string_span("60.3", 1.5, 10) == (-1, -1)
+
+
+def reference_segment_frames(clip_feats, frames, txt_len):
+    """The plain per-segment definition: frames below n, else one masked zero row."""
+    frames = [f for f in frames if f < clip_feats.size(0)]
+    if not frames:
+        mask = torch.ones(1 + txt_len, dtype=torch.long)
+        mask[0] = 0
+        return clip_feats.new_zeros(1, clip_feats.size(1)), mask
+    return clip_feats[frames], torch.ones(len(frames) + txt_len, dtype=torch.long)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_segment_frames_equals_per_segment_reference(seed):
+    rng = np.random.default_rng(seed)
+    n = seed % 11  # 0 (every segment empty) included
+    dtype = (torch.float32, torch.float16)[seed % 2]
+    clip = torch.from_numpy(rng.standard_normal((n, 5))).to(dtype)
+    frame_lists = [rng.integers(0, 15, size=rng.integers(0, 6)).tolist()
+                   for _ in range(rng.integers(0, 9))]
+    txt_lens = rng.integers(1, 7, size=len(frame_lists)).tolist()
+    feats, masks = segment_frames(clip, frame_lists, txt_lens)
+    assert len(feats) == len(masks) == len(frame_lists)
+    for frames, tl, f, m in zip(frame_lists, txt_lens, feats, masks):
+        ref_f, ref_m = reference_segment_frames(clip, frames, tl)
+        assert f.dtype == ref_f.dtype and m.dtype == ref_m.dtype
+        assert torch.equal(f, ref_f) and torch.equal(m, ref_m)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,6 +114,14 @@ def test_lr_schedule_warmup_decay_and_floor():
     assert get_lr_sched(200, opts) == 1e-8
 
 
+def test_lr_schedule_warmup_as_long_as_training_ends_at_floor():
+    opts = SimpleNamespace(learning_rate=1e-4, warmup_steps=10, num_train_steps=10)
+    assert [get_lr_sched(s, opts) for s in (1, 9)] == pytest.approx([1e-5, 9e-5])
+    assert get_lr_sched(10, opts) == get_lr_sched(11, opts) == 1e-8
+    opts.warmup_steps = opts.num_train_steps = 0
+    assert get_lr_sched(0, opts) == get_lr_sched(1, opts) == 1e-8
+
+
 def test_set_lr_applies_lr_mul_to_heads_only():
     opt = build_optimizer(_Toy(), SimpleNamespace(learning_rate=1.0, weight_decay=0.0,
                                                   lr_mul=1.0, betas=[0.9, 0.98], optim="adamw"))

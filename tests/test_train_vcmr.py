@@ -8,11 +8,10 @@ evaluates val and test at every validation; checkpoints load; bad paths are name
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from helpers_train import ROOT, train_and_compare, write_config
 
 import train_vcmr
 from config.config import ConfigError
@@ -20,29 +19,6 @@ from data.vcmr import vcmr_full_eval_collate
 from eval.retrieval import validate_full_vcmr
 from model.pretrain import HeroForPretraining
 from utils.save import ModelSaver
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_DBS = "demo_output/dbs"
-
-
-def write_config(tmp_path, demo_config: str, dbs: Path, **overrides) -> Path:
-    """The demo config with its ``demo_output/dbs`` paths moved to ``dbs``."""
-    cfg = json.loads((ROOT / "config" / demo_config).read_text())
-    for key, value in cfg.items():
-        if isinstance(value, str) and value.startswith(DEMO_DBS):
-            cfg[key] = str(dbs) + value[len(DEMO_DBS):]
-    cfg.update(checkpoint=None, n_workers=0, **overrides)
-    path = tmp_path / demo_config
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def train_query_eval(task, model) -> dict:
-    """Full-corpus evaluation of the training queries over the training videos."""
-    dataset = task.make_dataset("full_eval", task.opts.train_query_txt_db, distributed=False)
-    loader = DataLoader(dataset, batch_size=16, collate_fn=vcmr_full_eval_collate)
-    model.eval()
-    return validate_full_vcmr(model, loader, "train", task.opts)[0]
 
 
 def test_tvr_training_improves_retrieval(tmp_path, toy_dbs):
@@ -53,13 +29,8 @@ def test_tvr_training_improves_retrieval(tmp_path, toy_dbs):
                        hard_negtiave_start_step=[30], hard_pool_size=[4], dropout=0.0)
     out = tmp_path / "run"
     argv = ["--config", str(cfg), "--output_dir", str(out), "--log_steps", "5"]
-    opts = train_vcmr.parse_args(argv)
-    task = train_vcmr.VcmrTask(opts)
-    torch.manual_seed(opts.seed)
-    before = train_query_eval(task, task.build_model())
-
-    model = train_vcmr.main(argv)
-    after = train_query_eval(task, model)
+    opts, model, before, after = train_and_compare(train_vcmr, train_vcmr.VcmrTask, argv,
+                                                   vcmr_full_eval_collate, validate_full_vcmr)
     gains = {"VR/VR_r1": 20, "VCMR/VCMR_0.5-r10": 0, "VCMR/VCMR_0.5-r100": 10}
     for key, gain in gains.items():
         key = f"valid_train_{key}"

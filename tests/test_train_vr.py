@@ -10,21 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from test_train_vcmr import write_config
-from torch.utils.data import DataLoader
+from helpers_train import train_and_compare, write_config
 
 import train_vr
 from config.config import ConfigError
 from data.vr import vr_full_eval_collate
 from eval.retrieval import validate_full_vr
-
-
-def train_query_eval(task, model) -> dict:
-    dataset = task.make_dataset("full_eval", task.opts.train_query_txt_db, distributed=False)
-    loader = DataLoader(dataset, batch_size=16, collate_fn=vr_full_eval_collate)
-    model.eval()
-    return validate_full_vr(model, loader, "train", task.opts)[0]
 
 
 def test_msrvtt_video_only_training_improves_recall(tmp_path, toy_dbs):
@@ -35,13 +26,8 @@ def test_msrvtt_video_only_training_improves_recall(tmp_path, toy_dbs):
                        hard_negtiave_start_step=[20], hard_pool_size=[2], dropout=0.0)
     out = tmp_path / "run"
     argv = ["--config", str(cfg), "--output_dir", str(out), "--log_steps", "10"]
-    opts = train_vr.parse_args(argv)
-    task = train_vr.VrTask(opts)
-    torch.manual_seed(opts.seed)
-    before = train_query_eval(task, task.build_model())
-
-    model = train_vr.main(argv)
-    after = train_query_eval(task, model)
+    _, model, before, after = train_and_compare(train_vr, train_vr.VrTask, argv,
+                                                vr_full_eval_collate, validate_full_vr)
     assert after["valid_train_VR/VR_r1"] > before["valid_train_VR/VR_r1"] + 20
     assert model.use_hard_negative and model.lw_st_ed == 0
 
