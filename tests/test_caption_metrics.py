@@ -76,6 +76,17 @@ def test_hand_computed_bleu_and_rouge():
     assert scores["ROUGE_L"] == pytest.approx(100 * 5 / 6, abs=1e-4)
 
 
+def test_no_matching_4gram_gives_near_zero_bleu4_and_logs_the_counts(caplog):
+    # issue 6: 1-grams 5/6 (the x2, cat, sat, mat), 2-grams 3/5 (the cat, cat sat, the mat),
+    # 3-grams 1/4 (the cat sat), 4-grams 0/3, same length. Bleu_3 = (1/8)^(1/3) = 0.5 exactly;
+    # Bleu_4 only has coco-caption's 1e-15 smoothing: (1/8 * 1e-15 / 3)^(1/4) ~ 8.0e-5
+    with caplog.at_level(logging.INFO, logger="eval.tvc"):
+        scores = java_scores({"7": ["the cat sat on the mat"]}, {"7": "the cat sat in the mat"})
+    assert scores["Bleu_3"] == pytest.approx(50.0, abs=1e-4)
+    assert scores["Bleu_4"] == pytest.approx(100 * (1 / 8 * 1e-15 / 3) ** 0.25, rel=1e-4)
+    assert "1-gram 5/6, 2-gram 3/5, 3-gram 1/4, 4-gram 0/3" in caplog.text
+
+
 def test_preprocessing_ignores_case_punctuation_and_non_ascii():
     refs = {c: [t] for c, t in DISTINCT.items()}
     hyps = {"1": "A man, walks his small dog!", "2": "Two women\u2014eat red apples together."}
