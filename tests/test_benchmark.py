@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from pathlib import Path
 
 import torch
 from helpers_model import small_config
 
 from scripts import bench_model, benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORKLOADS = ("vcmr_train", "tvc_train", "tvc_greedy_cached", "tvc_greedy_full")
 
@@ -67,3 +71,33 @@ def test_peak_tflops_table_and_flop_count():
     lin = torch.nn.Linear(4, 3)
     x = torch.randn(5, 4)
     assert bench_model.count_flops(lambda: lin(x), lin) == 2 * 5 * 4 * 3
+
+
+def test_train_benchmark_times_identical_work_and_reports_rounds(tmp_path, toy_dbs):
+    """Both paths must produce the same losses each round, or the overhead ratio is void."""
+    cfg = json.loads((ROOT / "config" / "pretrain-demo.json").read_text())
+    cfg["targets"][0]["splits"][0].update(tasks=["mlm", "vsm"], ratio=[1, 3])
+    # timing starts at update 9 (warm-up 1 + loop 2x3 + untimed pass 2): the span loss and
+    # its random skips switch on at the first timed update, hard negatives at the second
+    cfg.update(train_batch_size=2, n_workers=0, drop_svmr_prob=0.5, train_span_start_step=9,
+               hard_negtiave_start_step=[10])
+    path = tmp_path / "pretrain.json"
+    path.write_text(json.dumps(cfg))
+    opts = benchmark.parse_args([
+        "train", "--corpus", str(toy_dbs), "--train_config", str(path), "--train_steps", "2",
+        "--train_rounds", "3", "--train_warmup", "1", "--train_workers", "0"])
+    by_name = {r["figure"].rsplit("bs=2/", 1)[1]: r
+               for r in benchmark.BENCHMARKS["train"].run(opts)}
+    assert set(by_name) == {"loop/steps_per_s", "loop/samples_per_s", "pure/ms_per_step",
+                            "engine/ms_per_step", "engine_overhead", "engine_overhead_cpu",
+                            "engine_overhead_direct", "same_work"}
+    assert by_name["same_work"]["value"] == 1.0
+    for key in ("pure/ms_per_step", "engine/ms_per_step", "engine_overhead",
+                "engine_overhead_cpu", "engine_overhead_direct"):
+        rounds = by_name[key]["rounds"]
+        assert len(rounds) == 3 and all(math.isfinite(v) for v in rounds)
+        assert math.isclose(by_name[key]["value"], statistics.median(rounds), abs_tol=1e-3)
+    pure, engine = by_name["pure/ms_per_step"]["rounds"], by_name["engine/ms_per_step"]["rounds"]
+    for p, e, ratio in zip(pure, engine, by_name["engine_overhead"]["rounds"]):
+        assert p > 0 and math.isclose(e / p - 1, ratio, abs_tol=1e-3)
+    assert all(0 < v < 1 for v in by_name["engine_overhead_direct"]["rounds"])

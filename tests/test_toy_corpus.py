@@ -92,7 +92,7 @@ def test_feature_files_shapes_dtypes_and_frame_counts(toy_raw):
             assert slowfast.dtype == resnet.dtype == np.float16
             assert slowfast.shape == (w["n_frames"], SLOWFAST_DIM)
             assert resnet.shape[1] == RESNET_DIM and resnet.shape[0] - w["n_frames"] in (0, 1)
-    assert all(20 <= w["n_frames"] <= 60 for w in videos["tv"].values())
+    assert all(12 <= w["n_frames"] <= 36 for w in videos["tv"].values())
     assert all(5 <= w["n_frames"] <= 15 and w["fi"] == 2.0 for w in videos["msrvtt"].values())
 
 
@@ -135,7 +135,7 @@ def scene_at(w: dict, ts) -> dict:
                 if (sc["start"] * w["fi"], sc["end"] * w["fi"]) == (st, ed))
 
 
-def test_tvr_and_tvqa_point_at_scenes_and_need_both_modalities(toy_raw):
+def test_tvr_and_tvqa_point_at_scenes_with_absent_distractors(toy_raw):
     videos = world(toy_raw)["tv"]
     for q in read_jsonl(toy_raw / "tvr_train_release.jsonl"):
         sc = scene_at(videos[q["vid_name"]], q["ts"])
@@ -148,6 +148,12 @@ def test_tvr_and_tvqa_point_at_scenes_and_need_both_modalities(toy_raw):
         truths = {f"The {OBJECTS[sc['obj']]}.", f"In the {LOCATIONS[sc['loc']]}.",
                   f"{ACTIONS[sc['action']][2].capitalize()}."}
         assert answer in truths and len({q[f"a{k}"] for k in range(5)}) == 5
+        scenes = videos[q["vid_name"]]["scenes"]
+        seen = {f"The {OBJECTS[x['obj']]}." for x in scenes}
+        seen |= {f"In the {LOCATIONS[x['loc']]}." for x in scenes}
+        seen |= {f"{ACTIONS[x['action']][2].capitalize()}." for x in scenes}
+        distractors = {q[f"a{k}"] for k in range(5)} - {answer}
+        assert not distractors & seen  # distractors name values absent from the clip
     assert "answer_idx" not in read_jsonl(toy_raw / "tvqa_test_public.jsonl")[0]
     assert "ts" not in read_jsonl(toy_raw / "tvr_test_public_release.jsonl")[0]
 
@@ -158,6 +164,11 @@ def matching_scenes(text: str, scenes: list[dict]) -> list[dict]:
                             LOCATIONS[sc["loc"]], OBJECTS[sc["obj"]]))]
 
 
+def scene_words(scenes: list[dict]) -> set[str]:
+    return {w for sc in scenes for w in (CHARACTERS[sc["char"]], ACTIONS[sc["action"]][2],
+                                         LOCATIONS[sc["loc"]], OBJECTS[sc["obj"]])}
+
+
 def test_violin_false_statement_flips_one_fact(toy_raw):
     videos = world(toy_raw)["violin"]
     clips = json.loads((toy_raw / "violin" / "violin_annotation.json").read_text())
@@ -166,6 +177,8 @@ def test_violin_false_statement_flips_one_fact(toy_raw):
         for true, false in clip["statement"]:
             assert matching_scenes(true, scenes) and not matching_scenes(false, scenes)
             assert len(set(true.split()) ^ set(false.split())) == 2
+            changed = set(false.rstrip(".").split()) - set(true.rstrip(".").split())
+            assert not changed & scene_words(scenes)  # the false value is absent from the clip
 
 
 def test_didemo_times_are_segment_indices_around_the_scene(toy_raw):

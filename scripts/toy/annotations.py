@@ -3,8 +3,8 @@
 One TVR query, one TVQA question and one TVC clip (two captions) per scene; ids are global
 counters so they never collide across splits.  Query types follow the modality that answers
 them: ``v`` (who/what/where: frames), ``t`` (who mentions which object: subtitles), ``vt``
-(both).  TVQA questions always need both: the subtitle locates the moment and the frames answer,
-or the frames locate it and the subtitle answers.  ``test_public`` lines omit the fields the
+(both).  TVQA questions name the moment by both modalities; their distractor answers are
+values absent from the clip (see :func:`answers`).  ``test_public`` lines omit the fields the
 released test files omit (TVR: ``vid_name``/``ts``; TVQA: ``answer_idx``; TVC: ``descs``).
 """
 from __future__ import annotations
@@ -37,10 +37,17 @@ def tvr_lines(rng, videos: list[Video], split: str, ids) -> list[dict]:
     return lines
 
 
-def answers(rng, template: str, scene, field: str) -> tuple[list[str], int]:
-    """Five candidates differing only in ``field``; returns them and the correct index."""
-    wrong = [x for x in rng.permutation(FIELD_SIZES[field]) if x != getattr(scene, field)][:4]
-    values = [getattr(scene, field)] + [int(x) for x in wrong]
+def answers(rng, template: str, video: Video, scene, field: str) -> tuple[list[str], int]:
+    """Five candidates differing only in ``field``; returns them and the correct index.
+
+    The four distractors name values that occur nowhere in the clip, so a candidate is right
+    exactly when its value can be found in the clip's frames (place, action) or subtitles
+    (object). Why: telling which of several present values belongs to the asked moment is a
+    two-hop problem that the demo's few CPU minutes of training cannot learn.
+    """
+    present = {getattr(sc, field) for sc in video.scenes}
+    wrong = [int(x) for x in rng.permutation(FIELD_SIZES[field]) if int(x) not in present][:4]
+    values = [getattr(scene, field)] + wrong
     order = [int(i) for i in rng.permutation(5)]
     cands = [describe(template, scene, **{field: values[i]}) for i in order]
     return cands, order.index(0)
@@ -51,7 +58,7 @@ def tvqa_lines(rng, videos: list[Video], split: str, ids) -> list[dict]:
     for v in videos:
         for sc in v.scenes:
             question, answer, field = pick(rng, TVQA)
-            cands, answer_idx = answers(rng, answer, sc, field)
+            cands, answer_idx = answers(rng, answer, v, sc, field)
             st, ed = sc.seconds(v.fi)
             line = {f"a{k}": cands[k] for k in range(5)}
             line.update(answer_idx=answer_idx, q=describe(question, sc), qid=next(ids),

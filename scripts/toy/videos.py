@@ -1,9 +1,10 @@
 """Samplers for the four toy video collections, each with its own subtitle style.
 
-* TV (TVR/TVQA/TVC, pretraining) and VIOLIN: 1.5 s frames; TV videos have 3-6 scenes of 4-12
-  frames (20-60 frames), VIOLIN clips 3-5 scenes (20-40 frames).  Subtitles are
-  ``" Name : text"`` lines: the scene's character states the object, an off-screen character may
-  reply with an empty line.
+* TV (TVR/TVQA/TVC, pretraining) and VIOLIN: 1.5 s frames; TV videos have 3-5 scenes of 4-8
+  frames (12-36 frames), VIOLIN clips 3-4 scenes (12-28 frames). Short clips keep a CPU training
+  step cheap; at most five scenes leave room for absent distractor values (``world.py``).
+  Subtitles are ``" Name : text"`` lines: the scene's character states the object, an
+  off-screen character may reply with an empty line.
 * DiDeMo: 17-20 frames of 1.5 s (25.5-30 s), scenes are runs of 1-2 five-second segments; ASR
   lines (lower case, no speaker) exist for 3 videos in 4, others have no speech at all (their
   subtitle DB records become pseudo-subtitles).
@@ -54,15 +55,15 @@ def asr(rng, video: Video, p_speech: float = 0.75, p_line: float = 0.7) -> None:
             video.subs += scene_subs(rng, sc, video.fi, describe(pick(rng, ASR_LINES), sc), None)
 
 
-def tv_video(rng, name: str, n_scenes=(3, 6), total=(20, 60)) -> Video:
-    video = Video(name, TV_FI, make_scenes(rng, split_lengths(rng, n_scenes, (4, 12), total)),
+def tv_video(rng, name: str, n_scenes=(3, 5), total=(12, 36)) -> Video:
+    video = Video(name, TV_FI, make_scenes(rng, split_lengths(rng, n_scenes, (4, 8), total)),
                   extra_resnet_rows=int(rng.random() < 0.25))
     dialogue(rng, video)
     return video
 
 
 def violin_video(rng, name: str) -> Video:
-    return tv_video(rng, name, n_scenes=(3, 5), total=(20, 40))
+    return tv_video(rng, name, n_scenes=(3, 4), total=(12, 28))
 
 
 def didemo_video(rng, name: str) -> Video:

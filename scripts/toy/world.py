@@ -25,8 +25,12 @@ CHARACTERS = ("Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Felix", "Greta", "H
 ACTIONS = (("walk", "walks", "walking"), ("sit", "sits", "sitting"), ("eat", "eats", "eating"),
            ("read", "reads", "reading"), ("dance", "dances", "dancing"),
            ("run", "runs", "running"), ("cook", "cooks", "cooking"),
-           ("sing", "sings", "singing"))
-LOCATIONS = ("kitchen", "office", "park", "hospital", "cafe", "bedroom")
+           ("sing", "sings", "singing"), ("write", "writes", "writing"),
+           ("paint", "paints", "painting"))
+# ten actions and places, so that a clip (at most five scenes) always leaves four of each unseen:
+# TVQA distractors and VIOLIN false statements name values absent from the clip
+LOCATIONS = ("kitchen", "office", "park", "hospital", "cafe", "bedroom", "garden", "library",
+             "beach", "station")
 OBJECTS = ("phone", "letter", "key", "book", "cake", "ring", "camera", "umbrella", "guitar",
            "wallet")
 
