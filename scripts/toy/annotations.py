@@ -1,13 +1,18 @@
 """Raw TV task files in the released formats (data.md §3.2-3.6): TVR, TVQA, TVC, subtitles.
 
-One TVR query, one TVQA question and one TVC clip (two captions) per scene; ids are global
-counters so they never collide across splits.  Query types follow the modality that answers
-them: ``v`` (who/what/where: frames), ``t`` (who mentions which object: subtitles), ``vt``
-(both).  TVQA questions name the moment by both modalities; their distractor answers are
-values absent from the clip (see :func:`answers`).  ``test_public`` lines omit the fields the
+One TVR query, three TVQA questions (one per answer field: object, place, action) and one TVC
+clip (two captions) per scene; ids are global counters so they never collide across splits.
+Three questions per scene triple the TVQA data without lengthening a training step, so the demo's
+150 updates see each question at most twice and must learn the grounding rule instead of
+memorising question texts.  Query types follow the modality that answers them: ``v``
+(who/what/where: frames), ``t`` (who mentions which object: subtitles), ``vt`` (both).
+TVQA questions name the moment by both modalities; their distractor answers are values absent
+from the clip (see :func:`answers`).  ``test_public`` lines omit the fields the
 released test files omit (TVR: ``vid_name``/``ts``; TVQA: ``answer_idx``; TVC: ``descs``).
 """
 from __future__ import annotations
+
+import itertools
 
 from scripts.toy.text import TVC, TVQA, TVR, describe
 from scripts.toy.videos import pick
@@ -56,8 +61,7 @@ def answers(rng, template: str, video: Video, scene, field: str) -> tuple[list[s
 def tvqa_lines(rng, videos: list[Video], split: str, ids) -> list[dict]:
     lines = []
     for v in videos:
-        for sc in v.scenes:
-            question, answer, field = pick(rng, TVQA)
+        for sc, (question, answer, field) in itertools.product(v.scenes, TVQA):
             cands, answer_idx = answers(rng, answer, v, sc, field)
             st, ed = sc.seconds(v.fi)
             line = {f"a{k}": cands[k] for k in range(5)}

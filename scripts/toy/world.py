@@ -27,7 +27,7 @@ ACTIONS = (("walk", "walks", "walking"), ("sit", "sits", "sitting"), ("eat", "ea
            ("run", "runs", "running"), ("cook", "cooks", "cooking"),
            ("sing", "sings", "singing"), ("write", "writes", "writing"),
            ("paint", "paints", "painting"))
-# ten actions and places, so that a clip (at most five scenes) always leaves four of each unseen:
+# ten actions and places, so that a clip (at most four scenes) always leaves six of each unseen:
 # TVQA distractors and VIOLIN false statements name values absent from the clip
 LOCATIONS = ("kitchen", "office", "park", "hospital", "cafe", "bedroom", "garden", "library",
              "beach", "station")
