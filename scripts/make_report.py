@@ -244,7 +244,11 @@ def _smooth(values: list, window: int = 10) -> list:
 
 
 def plot_losses(curves: dict, title: str, path: Path) -> Path:
-    """One line per curve (label -> [(step, loss)]): raw values faint, moving average solid."""
+    """One line per curve (label -> [(step, loss)]): raw values faint, moving average solid.
+
+    Losses of different tasks differ by orders of magnitude (MFM-NCE vs VSM), so the y axis
+    is logarithmic whenever every value is positive.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (label, points) in enumerate(sorted(curves.items())):
@@ -253,6 +257,8 @@ def plot_losses(curves: dict, title: str, path: Path) -> Path:
         ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(steps, _smooth(list(values)), color=color, label=label)
     ax.set(title=title, xlabel="update", ylabel="training loss")
+    if all(v > 0 for points in curves.values() for _, v in points):
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

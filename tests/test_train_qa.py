@@ -16,6 +16,7 @@ import torch
 import train_videoQA
 import train_violin
 from config.config import ConfigError
+from data.txt_db import QaQueryTokLmdb
 from model.model import FRAME_POS_KEY
 from model.violin import HeroForViolin
 from utils.engine import Trainer
@@ -57,7 +58,7 @@ def initial_metrics(module, task_cls, argv) -> dict:
 
 def test_tvqa_fine_tuning_fits_and_writes_outputs(tmp_path, toy_dbs):
     argv = fit_config(tmp_path, toy_dbs, "tvqa", "tvqa_val.db", 20, train_batch_size=5,
-                      learning_rate=5e-4)
+                      learning_rate=5e-4, lr_mul=10.0, lw_st_ed=0.4)
     task, before = initial_metrics(train_videoQA, train_videoQA.VideoQaTask, argv)
     opts = train_videoQA.parse_args(argv)
     trainer = Trainer(train_videoQA.VideoQaTask(opts), opts)
@@ -73,7 +74,8 @@ def test_tvqa_fine_tuning_fits_and_writes_outputs(tmp_path, toy_dbs):
     assert {p.name for p in (run / "ckpt").glob("model_step_*.pt")} == {
         "model_step_10.pt", "model_step_20.pt", "model_step_20_final.pt"}
     preds = json.loads((run / "results" / "val_results_20_all.json").read_text())
-    assert len(preds) == 10 and set(preds.values()) <= set(range(5))
+    n_val = len(QaQueryTokLmdb(str(toy_dbs / "txt_db" / "tvqa_val.db"), -1).ids)
+    assert len(preds) == n_val and set(preds.values()) <= set(range(5))
     valid = [json.loads(line) for line in (run / "log" / "metrics.jsonl").read_text().split("\n")
              if '"valid"' in line]
     assert [v["step"] for v in valid] == [10, 20] and acc in valid[-1]["valid"]
@@ -82,7 +84,8 @@ def test_tvqa_fine_tuning_fits_and_writes_outputs(tmp_path, toy_dbs):
 
 
 def test_batch_without_span_target_trains_qa_loss_only(tmp_path, toy_dbs, caplog):
-    argv = fit_config(tmp_path, toy_dbs, "tvqa", "tvqa_val.db", 2, train_batch_size=2)
+    argv = fit_config(tmp_path, toy_dbs, "tvqa", "tvqa_val.db", 2, train_batch_size=2,
+                      lw_st_ed=0.4)
     task = train_videoQA.VideoQaTask(train_videoQA.parse_args(argv))
     torch.manual_seed(0)
     model = task.build_model()
@@ -103,7 +106,7 @@ def test_batch_without_span_target_trains_qa_loss_only(tmp_path, toy_dbs, caplog
 
 def test_violin_validates_val_and_test_with_lr_mul(tmp_path, toy_dbs):
     argv = fit_config(tmp_path, toy_dbs, "violin", "violin_val.db", 16, train_batch_size=6,
-                      learning_rate=2e-4)
+                      learning_rate=2e-4, lr_mul=8.0)
     task, before = initial_metrics(train_violin, train_violin.ViolinTask, argv)
     keys = {f"valid_violin/violin_valid/{s}_{k}" for s in ("val", "test")
             for k in ("loss", "acc", "ex_per_s")}
