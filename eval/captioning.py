@@ -27,8 +27,7 @@ import torch
 from tqdm import tqdm
 
 from data.loader import move_to_device
-from eval.common import autocast
-from eval.qa import eval_mode, model_device
+from eval.common import autocast, eval_mode, model_device
 from utils.distributed import all_gather_object, broadcast_object, get_rank
 
 LOGGER = logging.getLogger(__name__)

@@ -34,6 +34,22 @@ LOGGER = logging.getLogger(__name__)
 IMG_LINEAR_KEY = "v_encoder.f_encoder.img_embeddings.img_linear.weight"
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode inside, the previous train/eval mode restored after (training loops call
+    validation mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 class EvalSetupError(ValueError):
     """An evaluation input (run folder, checkpoint, split, DB path) is missing or inconsistent."""
 

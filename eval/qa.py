@@ -19,7 +19,6 @@ The second half holds the shared command-line driver of ``eval_videoQA.py`` and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import pickle
@@ -42,8 +41,10 @@ from eval.common import (
     build_eval_model,
     check_split,
     checkpoint_tag,
+    eval_mode,
     init_distributed,
     load_hps,
+    model_device,
     require_hps,
     results_file,
     write_json_atomic,
@@ -56,22 +57,6 @@ LOGGER = logging.getLogger(__name__)
 
 class QaEvalError(ValueError):
     """A batch cannot be scored (bad target, missing ids)."""
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Eval mode inside, the previous train/eval mode restored after (training loops call
-    validation mid-training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def check_targets(targets: torch.Tensor, qids, num_classes: int, what: str,

@@ -34,9 +34,8 @@ from tqdm import tqdm
 
 from data.loader import move_to_device
 from data.vcmr import VideoCorpusDataset, split_video2idx, video_corpus_collate
-from eval.common import autocast
+from eval.common import autocast, eval_mode, model_device
 from eval.nms import post_process_nms
-from eval.qa import eval_mode, model_device
 from eval.vcmr_ranking import encode_video_corpus, rank_batch, span_probs
 from utils.distributed import all_gather_object, get_world_size
 from utils.tvr_standalone_eval import eval_retrieval
