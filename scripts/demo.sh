@@ -85,6 +85,18 @@ budget() {
     echo "${FT_STEPS:-$(config_steps "$1")} updates, pre-trained $PRE_STEPS"
 }
 
+# pretrain: pretrain.py with the demo config; with DEMO_PRETRAIN_STEPS, that many updates and
+# hard negatives for the last fifth, as the config has them for its own budget.
+pretrain() {
+    local budget=()
+    if [ -n "${DEMO_PRETRAIN_STEPS:-}" ]; then
+        read -r -a budget <<<"$(steps_args "$PRE_STEPS")"
+        budget+=(--hard_negtiave_start_step "$((PRE_STEPS * 4 / 5))")
+    fi
+    fresh "$OUT/pretrain" "$PY" pretrain.py --config "$(demo_config pretrain-demo.json)" \
+        --output_dir "$OUT/pretrain" "${budget[@]}"
+}
+
 # finetune TASK SCRIPT CONFIG INIT: one fine-tuning run (+ its final evaluation).
 finetune() {
     local task=$1 script=$2 config=$3 init=$4 ckpt="" dir budget=()
@@ -137,11 +149,7 @@ main() {
     step "tokenizer" check_tokenizer
     step "preprocess into text and video LMDBs" fresh "$OUT/dbs" \
         bash scripts/build_toy_dbs.sh "$OUT/raw" "$OUT/dbs"
-    # shellcheck disable=SC2046  # steps_args prints flags meant to be split
-    step "pre-train mlm, mfm-nce, fom, vsm ($PRE_STEPS updates)" fresh "$OUT/pretrain" \
-        "$PY" pretrain.py --config "$(demo_config pretrain-demo.json)" \
-        --output_dir "$OUT/pretrain" $(steps_args "$PRE_STEPS") \
-        --hard_negtiave_start_step "$((PRE_STEPS * 4 / 5))"
+    step "pre-train mlm, mfm-nce, fom, vsm ($PRE_STEPS updates)" pretrain
     for spec in "${FINETUNES[@]}"; do
         read -r task script config <<<"$spec"
         step "fine-tune + evaluate $task, pre-trained and from scratch ($(budget "$config"))" \
