@@ -38,6 +38,7 @@ import os
 import sys
 import time
 from collections import Counter
+from functools import cached_property
 from pathlib import Path
 
 from config.config import ConfigError, SharedConfigs, parse_with_config
@@ -106,30 +107,25 @@ class TvcTask(TrainTask):
     honour_lr_mul = True
     restore_before_validation = False
     final_ckpt_suffix = None
+    path_flags = ("model_config", "checkpoint", "sub_txt_db", "vfeat_db", "train_db", "val_db",
+                  "val_ref", "toker")
 
     def __init__(self, opts):
         super().__init__(opts)
-        self._video_db = None
         self.val_loader = self.evaluator = self.toker = None
         self.counts = {"vid": 0, "cap": 0}
         self.t_start = None
 
     # ------------------------------------------------------------------ inputs
-    def required_paths(self) -> dict:
-        keys = ("model_config", "checkpoint", "sub_txt_db", "vfeat_db", "train_db", "val_db",
-                "val_ref", "toker")
-        return {k: getattr(self.opts, k, None) or None for k in keys}
-
+    @cached_property
     def video_db(self):
-        if self._video_db is None:
-            opts = self.opts
-            self._video_db = load_video_sub_dataset(opts.vfeat_db, opts.sub_txt_db,
-                                                    opts.vfeat_interval, opts)
-        return self._video_db
+        """Video features + subtitles, shared by training and validation."""
+        opts = self.opts
+        return load_video_sub_dataset(opts.vfeat_db, opts.sub_txt_db, opts.vfeat_interval, opts)
 
     def build_train_loaders(self) -> dict:
         opts = self.opts
-        dataset = TvcTrainDataset(self.video_db(), CaptionTokLmdb(opts.train_db, opts.max_txt_len),
+        dataset = TvcTrainDataset(self.video_db, CaptionTokLmdb(opts.train_db, opts.max_txt_len),
                                   opts.max_cap_per_vid)
         loader = build_resumable_loader(dataset, TvcTrainDataset.collate, opts, TASK,
                                         device=self.device)
@@ -138,7 +134,7 @@ class TvcTask(TrainTask):
     def _build_validation(self) -> None:
         """Val loader, tokenizer and (rank 0) the evaluator, once, at the first validation."""
         opts = self.opts
-        dataset = TvcValDataset(self.video_db(), CaptionTokLmdb(opts.val_db, -1))
+        dataset = TvcValDataset(self.video_db, CaptionTokLmdb(opts.val_db, -1))
         self.val_loader = PrefetchLoader(build_dataloader(dataset, TvcValDataset.collate, False,
                                                           opts), self.device)
         self.toker = load_toker(opts.toker)

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from functools import cached_property
 
 import torch
 from torch.utils.data import DataLoader
@@ -86,7 +87,6 @@ class VcmrTask(TrainTask):
     def __init__(self, opts):
         super().__init__(opts)
         self.video_only = opts.task.endswith("video_only")
-        self._video_db = None
         self._val_loader = None
         self._full_eval_loaders = None
         self._n_constant = 0
@@ -102,25 +102,22 @@ class VcmrTask(TrainTask):
             paths[key] = getattr(opts, key, None)
         return paths
 
+    @cached_property
     def video_db(self):
         """One video (+subtitle) reader shared by training and every evaluation split.
 
         Video-only corpora take ``CLS``/``SEP`` from the training query DB's ``meta.json``.
         """
-        if self._video_db is None:
-            opts = self.opts
-            if self.video_only:
-                self._video_db = load_video_only_dataset(
-                    opts.vfeat_db, opts.train_query_txt_db, opts.vfeat_interval, opts)
-            else:
-                self._video_db = load_video_sub_dataset(opts.vfeat_db, opts.sub_txt_db,
-                                                        opts.vfeat_interval, opts)
-        return self._video_db
+        opts = self.opts
+        if self.video_only:
+            return load_video_only_dataset(opts.vfeat_db, opts.train_query_txt_db,
+                                           opts.vfeat_interval, opts)
+        return load_video_sub_dataset(opts.vfeat_db, opts.sub_txt_db, opts.vfeat_interval, opts)
 
     def make_dataset(self, kind: str, db_path: str, max_txt_len: int = -1, **kwargs):
         """A ``train``, ``loss_val`` or ``full_eval`` dataset over the query DB ``db_path``."""
         cls = self.dataset_classes[self.video_only][DATASET_KINDS.index(kind)]
-        return cls(get_video_ids(db_path), self.video_db(),
+        return cls(get_video_ids(db_path), self.video_db,
                    self.query_db_cls(db_path, max_txt_len), **kwargs)
 
     def build_train_loaders(self) -> dict:

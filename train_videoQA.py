@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -77,29 +78,24 @@ class VideoQaTask(TrainTask):
     train_dataset_cls, train_collate = VideoQaDataset, staticmethod(video_qa_collate)
     eval_dataset_cls, eval_collate = VideoQaEvalDataset, staticmethod(video_qa_eval_collate)
 
+    path_flags = ("model_config", "checkpoint", "sub_txt_db", "vfeat_db", "train_query_txt_db",
+                  "val_query_txt_db", "test_query_txt_db")
+
     def __init__(self, opts):
         super().__init__(opts)
-        self._video_db = None
         self.val_loaders = None
         self.no_span_batches = 0
 
     # ------------------------------------------------------------------ inputs
-    def required_paths(self) -> dict:
-        keys = ("model_config", "checkpoint", "sub_txt_db", "vfeat_db", "train_query_txt_db",
-                "val_query_txt_db", "test_query_txt_db")
-        return {k: getattr(self.opts, k, None) or None for k in keys}
-
+    @cached_property
     def video_db(self):
         """Video features + subtitles, shared by the training and validation sets."""
-        if self._video_db is None:
-            opts = self.opts
-            self._video_db = load_video_sub_dataset(opts.vfeat_db, opts.sub_txt_db,
-                                                    opts.vfeat_interval, opts)
-        return self._video_db
+        opts = self.opts
+        return load_video_sub_dataset(opts.vfeat_db, opts.sub_txt_db, opts.vfeat_interval, opts)
 
     def dataset(self, query_txt_db, max_txt_len: int, dataset_cls, **kwargs):
         query_db = QaQueryTokLmdb(query_txt_db, max_txt_len)
-        return dataset_cls(get_video_ids(query_txt_db), self.video_db(), query_db, **kwargs)
+        return dataset_cls(get_video_ids(query_txt_db), self.video_db, query_db, **kwargs)
 
     def build_train_loaders(self) -> dict:
         opts = self.opts

@@ -117,9 +117,14 @@ class TrainTask:
         self.opts = opts
         self.device = torch.device("cpu")
 
+    path_flags: tuple[str, ...] = ()
+
     def required_paths(self) -> dict:
-        """flag -> path that must exist (checked before anything is built)."""
-        return {}
+        """flag -> path that must exist (checked before anything is built).
+
+        The default checks the flags named in ``path_flags``; an empty value counts as unset.
+        """
+        return {k: getattr(self.opts, k, None) or None for k in self.path_flags}
 
     def build_model(self):
         raise NotImplementedError
