@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,17 +150,17 @@ def test_tvr_and_tvqa_point_at_scenes_with_absent_distractors(toy_raw):
     for q in read_jsonl(toy_raw / "tvqa_train.jsonl"):
         sc = scene_at(videos[q["vid_name"]], [float(x) for x in q["ts"].split("-")])
         answer = q[f"a{q['answer_idx']}"]
-        truths = {f"The {OBJECTS[sc['obj']]}.", f"In the {LOCATIONS[sc['loc']]}.",
+        truths = {f"{CHARACTERS[sc['char']]}.", f"In the {LOCATIONS[sc['loc']]}.",
                   f"{ACTIONS[sc['action']][2].capitalize()}."}
         assert answer in truths and len({q[f"a{k}"] for k in range(5)}) == 5
         answered.setdefault((q["vid_name"], q["ts"]), []).append(answer)
         scenes = videos[q["vid_name"]]["scenes"]
-        seen = {f"The {OBJECTS[x['obj']]}." for x in scenes}
+        seen = {f"{CHARACTERS[x['char']]}." for x in scenes}
         seen |= {f"In the {LOCATIONS[x['loc']]}." for x in scenes}
         seen |= {f"{ACTIONS[x['action']][2].capitalize()}." for x in scenes}
         distractors = {q[f"a{k}"] for k in range(5)} - {answer}
         assert not distractors & seen  # distractors name values absent from the clip
-    # one question per answer field (object, place, action) about every scene
+    # one question per answer field (who, where, doing what) about every scene
     assert all(len(set(a)) == len(a) == len(TVQA) for a in answered.values())
     assert "answer_idx" not in read_jsonl(toy_raw / "tvqa_test_public.jsonl")[0]
     assert "ts" not in read_jsonl(toy_raw / "tvr_test_public_release.jsonl")[0]
@@ -176,16 +177,23 @@ def scene_words(scenes: list[dict]) -> set[str]:
                                          LOCATIONS[sc["loc"]], OBJECTS[sc["obj"]])}
 
 
-def test_violin_false_statement_flips_one_fact(toy_raw):
+FIELD_WORDS = {"char": set(CHARACTERS), "action": {a[2] for a in ACTIONS},
+               "loc": set(LOCATIONS), "obj": set(OBJECTS)}
+
+
+def test_violin_false_statement_describes_an_absent_moment(toy_raw):
     videos = world(toy_raw)["violin"]
     clips = json.loads((toy_raw / "violin" / "violin_annotation.json").read_text())
     for clip in clips.values():
         scenes = videos[clip["file"]]["scenes"]
         for true, false in clip["statement"]:
             assert matching_scenes(true, scenes) and not matching_scenes(false, scenes)
-            assert len(set(true.split()) ^ set(false.split())) == 2
-            changed = set(false.rstrip(".").split()) - set(true.rstrip(".").split())
-            assert not changed & scene_words(scenes)  # the false value is absent from the clip
+            words = set(re.findall(r"[A-Za-z]+", false))
+            changed = words - set(re.findall(r"[A-Za-z]+", true))
+            # character, action and place all changed to values absent from the clip
+            assert len(changed) == 3 and not changed & scene_words(scenes)
+            assert all(changed & FIELD_WORDS[f] for f in ("char", "action", "loc"))
+            assert words & FIELD_WORDS["obj"] <= scene_words(scenes)  # the object stays
 
 
 def test_didemo_times_are_segment_indices_around_the_scene(toy_raw):

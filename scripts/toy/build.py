@@ -24,7 +24,7 @@ from scripts.toy.videos import didemo_video, msrvtt_video, tv_name, tv_video, vi
 from scripts.toy.world import Video, stream_rng
 
 SIZES = {"tiny": {"tv": 12, "violin": 8, "didemo": 8, "msrvtt": 8},
-         "demo": {"tv": 200, "violin": 80, "didemo": 80, "msrvtt": 80}}
+         "demo": {"tv": 200, "violin": 300, "didemo": 80, "msrvtt": 80}}
 TV_SPLITS = ("train", "val", "test_public")
 SPLITS = ("train", "val", "test")
 

@@ -24,7 +24,7 @@ TVR = {"v": "{char} is {ing} in the {loc}.",
        "t": "{char} talks about the {obj}.",
        "vt": "{char} is {ing} in the {loc} and talks about the {obj}."}
 # TVQA: question, answer template, the scene field the answer varies
-TVQA = (("What does {char} talk about while {ing}?", "The {obj}.", "obj"),
+TVQA = (("Who is {ing} in the {loc}?", "{char}.", "char"),
         ("Where is {char} when talking about the {obj}?", "In the {loc}.", "loc"),
         ("What is {char} doing while talking about the {obj}?", "{Ing}.", "action"))
 TVC = ("{char} is {ing} in the {loc} and mentions the {obj}.",
