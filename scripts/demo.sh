@@ -3,8 +3,8 @@
 #   raw corpus -> tokenizer -> preprocessing scripts -> text/video LMDBs -> pre-training
 #   (mlm, mfm-nce, fom, vsm) -> fine-tuning + evaluation of TVR, TVQA, VIOLIN, TVC, DiDeMo and
 #   MSR-VTT, each from the pre-trained checkpoint and from scratch -> demo_output/report.md.
-# A finished step leaves a marker in $OUT/.steps/ and is reused by the next run (it says so);
-# an unfinished one is rebuilt from a clean folder. A failing step stops the demo, named.
+# A finished step leaves a marker in $OUT/.steps/ and is reused by the next run (it says so)
+# unless its configs or an earlier step changed; an unfinished one is rebuilt from a clean folder. A failing step stops the demo, named.
 # Budgets live in the demo configs (config/*-demo.json: updates, batch size, learning rate);
 # DEMO_PRETRAIN_STEPS / DEMO_FT_STEPS override the number of updates for a quick run; DEMO_OUT,
 # DEMO_SEED. The two fine-tuning runs of a task (pre-trained, scratch) run side by side, one CPU
@@ -20,17 +20,23 @@ FT_STEPS=${DEMO_FT_STEPS:-}
 N_STEPS=0
 STEP_NO=0
 
-# step NAME COMMAND...: run COMMAND unless NAME's marker exists; time it; name it on failure.
+# step NAME COMMAND...: run COMMAND unless NAME's marker exists with the same STEP_KEY (the
+# fingerprint of the step's inputs, see inputs_key; empty = none); time it; name it on failure.
 step() {
     local name=$1 marker="$OUT/.steps/${1//[^A-Za-z0-9_.-]/_}.done" start rc=0
+    local keyfile="${marker%.done}.key" key=${STEP_KEY:-}
     shift
     STEP_NO=$((STEP_NO + 1))
-    if [ -e "$marker" ]; then
+    if [ -e "$marker" ] && [ "$(cat "$keyfile" 2>/dev/null)" = "$key" ]; then
         echo "==> [$STEP_NO/$N_STEPS] $name: already built, reusing it (delete $marker to redo)"
         printf '%s\t%s\treused\n' "$name" "$(cat "$marker")" >>"$OUT/timings.tsv"
         return 0
     fi
     echo "==> [$STEP_NO/$N_STEPS] $name"
+    if [ -e "$marker" ]; then
+        echo "    its configs or an earlier step changed since it was built; rebuilding"
+        rm -f "$marker"
+    fi
     start=$(date +%s)
     "$@" || rc=$?
     if [ "$rc" -ne 0 ]; then
@@ -39,6 +45,7 @@ step() {
         exit 1
     fi
     mkdir -p "$OUT/.steps"
+    echo "$key" >"$keyfile"
     echo "$(($(date +%s) - start))" >"$marker"  # the build time, reported again on reuse
     printf '%s\t%s\tbuilt\n' "$name" "$(cat "$marker")" >>"$OUT/timings.tsv"
     echo "    done in $(cat "$marker") s"
@@ -67,6 +74,23 @@ text = "Chloe is cooking in the kitchen and talks about the phone."
 print(f"    {sys.argv[1]}: RobertaTokenizer, vocabulary {len(toker)}")
 print(f"    {text!r} -> {toker.encode(text)}")
 EOF
+}
+
+# inputs_key PREV WORD_OR_FILE...: fingerprint of an earlier step's key, these words and the
+# contents of those that are files. A step is rebuilt when its key changes, so editing a config
+# redoes its step and the steps built on it (code changes are not tracked: delete $OUT/.steps).
+inputs_key() {
+    local arg
+    for arg in "$@"; do
+        echo "$arg"
+        if [ -f "$arg" ]; then cat "$arg"; fi
+    done | sha256sum | cut -c1-16
+}
+
+# config_files CONFIG: config/CONFIG and the model config it names.
+config_files() {
+    echo "config/$1"
+    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model_config"])' "config/$1"
 }
 
 # config_steps CONFIG: num_train_steps of config/CONFIG.
@@ -144,15 +168,19 @@ main() {
     local t0 spec task script config ft="${FT_STEPS:-config}"
     t0=$(date +%s)
     echo "hero demo -> $OUT (pre-training $PRE_STEPS updates, fine-tuning updates: $ft)"
-    step "generate toy corpus" fresh "$OUT/raw" \
+    local data_key pre_key
+    data_key=$(inputs_key "seed $SEED")
+    STEP_KEY=$data_key step "generate toy corpus" fresh "$OUT/raw" \
         "$PY" scripts/make_toy_corpus.py --out "$OUT/raw" --seed "$SEED" --size demo
-    step "tokenizer" check_tokenizer
-    step "preprocess into text and video LMDBs" fresh "$OUT/dbs" \
+    STEP_KEY=$data_key step "tokenizer" check_tokenizer
+    STEP_KEY=$data_key step "preprocess into text and video LMDBs" fresh "$OUT/dbs" \
         bash scripts/build_toy_dbs.sh "$OUT/raw" "$OUT/dbs"
-    step "pre-train mlm, mfm-nce, fom, vsm ($PRE_STEPS updates)" pretrain
+    pre_key=$(inputs_key "$data_key" $(config_files pretrain-demo.json))
+    STEP_KEY=$pre_key step "pre-train mlm, mfm-nce, fom, vsm ($PRE_STEPS updates)" pretrain
     for spec in "${FINETUNES[@]}"; do
         read -r task script config <<<"$spec"
-        step "fine-tune + evaluate $task, pre-trained and from scratch ($(budget "$config"))" \
+        STEP_KEY=$(inputs_key "$pre_key" $(config_files "$config")) \
+            step "fine-tune + evaluate $task, pre-trained and from scratch ($(budget "$config"))" \
             finetune_pair "$task" "$script" "$config"
     done
     STEP_NO=$((STEP_NO + 1))

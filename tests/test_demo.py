@@ -158,6 +158,33 @@ def test_demo_step_reuses_a_finished_step(tmp_path):
     assert (out / "timings.tsv").read_text().splitlines()[-1] == f"stub build\t{built}\treused"
 
 
+def test_demo_step_rebuilds_when_its_inputs_change(tmp_path):
+    out, counter, cfg = tmp_path / "out", tmp_path / "count", tmp_path / "cfg.json"
+    body = (f'key=$(inputs_key prev {cfg})\n'
+            f'STEP_KEY=$key step "stub train" bash -c "echo x >> {counter}"')
+    cfg.write_text('{"learning_rate": 1e-3}')
+    first, same = run_steps(out, body), run_steps(out, body)
+    cfg.write_text('{"learning_rate": 5e-4}')            # an edited config
+    edited = run_steps(out, body)
+    for proc in (first, same, edited):
+        assert proc.returncode == 0, proc.stderr
+    assert counter.read_text() == "x\nx\n"             # built, reused, built again
+    assert "stub train: already built, reusing it" in same.stdout
+    assert "changed since it was built; rebuilding" in edited.stdout
+    assert "done in" in edited.stdout
+
+
+def test_inputs_key_covers_file_contents_and_the_earlier_key(tmp_path):
+    cfg = tmp_path / "a.json"
+    cfg.write_text("1")
+    keys = [run_steps(tmp_path / "o", f"inputs_key {prev} {cfg}").stdout.strip()
+            for prev in ("k1", "k1", "k2")]
+    cfg.write_text("2")
+    keys.append(run_steps(tmp_path / "o", f"inputs_key k1 {cfg}").stdout.strip())
+    assert len(keys[0]) == 16 and keys[0] == keys[1]
+    assert len({keys[0], keys[2], keys[3]}) == 3
+
+
 def test_demo_stops_at_a_failing_step_and_names_it(tmp_path):
     out, after = tmp_path / "out", tmp_path / "after"
     proc = run_steps(out, f'step "stub ok" true\nstep "stub broken" bash -c "exit 3"\n'
