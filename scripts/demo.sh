@@ -4,7 +4,8 @@
 #   (mlm, mfm-nce, fom, vsm) -> fine-tuning + evaluation of TVR, TVQA, VIOLIN, TVC, DiDeMo and
 #   MSR-VTT, each from the pre-trained checkpoint and from scratch -> demo_output/report.md.
 # A finished step leaves a marker in $OUT/.steps/ and is reused by the next run (it says so)
-# unless its configs or an earlier step changed; an unfinished one is rebuilt from a clean folder. A failing step stops the demo, named.
+# unless its configs or an earlier step changed; an unfinished one is rebuilt from a clean
+# folder. A failing step stops the demo, named.
 # Budgets live in the demo configs (config/*-demo.json: updates, batch size, learning rate);
 # DEMO_PRETRAIN_STEPS / DEMO_FT_STEPS override the number of updates for a quick run; DEMO_OUT,
 # DEMO_SEED. The two fine-tuning runs of a task (pre-trained, scratch) run side by side, one CPU
@@ -87,16 +88,20 @@ inputs_key() {
     done | sha256sum | cut -c1-16
 }
 
+# config_value CONFIG KEY: the value of KEY in config/CONFIG.
+config_value() {
+    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "config/$1" "$2"
+}
+
 # config_files CONFIG: config/CONFIG and the model config it names.
 config_files() {
     echo "config/$1"
-    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model_config"])' "config/$1"
+    config_value "$1" model_config
 }
 
 # config_steps CONFIG: num_train_steps of config/CONFIG.
 config_steps() {
-    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_train_steps"])' \
-        "config/$1"
+    config_value "$1" num_train_steps
 }
 
 # steps_args N: the flags that make a run of N updates validate and save at its end.

@@ -166,15 +166,18 @@ def test_tvr_and_tvqa_point_at_scenes_with_absent_distractors(toy_raw):
     assert "ts" not in read_jsonl(toy_raw / "tvr_test_public_release.jsonl")[0]
 
 
+def fact_words(sc: dict) -> tuple[str, ...]:
+    """A scene's character, action (gerund), place and object as they appear in statements."""
+    return (CHARACTERS[sc["char"]], ACTIONS[sc["action"]][2], LOCATIONS[sc["loc"]],
+            OBJECTS[sc["obj"]])
+
+
 def matching_scenes(text: str, scenes: list[dict]) -> list[dict]:
-    return [sc for sc in scenes if all(
-        w in text for w in (CHARACTERS[sc["char"]], ACTIONS[sc["action"]][2],
-                            LOCATIONS[sc["loc"]], OBJECTS[sc["obj"]]))]
+    return [sc for sc in scenes if all(w in text for w in fact_words(sc))]
 
 
 def scene_words(scenes: list[dict]) -> set[str]:
-    return {w for sc in scenes for w in (CHARACTERS[sc["char"]], ACTIONS[sc["action"]][2],
-                                         LOCATIONS[sc["loc"]], OBJECTS[sc["obj"]])}
+    return {w for sc in scenes for w in fact_words(sc)}
 
 
 FIELD_WORDS = {"char": set(CHARACTERS), "action": {a[2] for a in ACTIONS},

@@ -112,12 +112,11 @@ class TrainTask:
     restore_before_validation = False
     final_ckpt_suffix: str | None = None
     find_unused_parameters = True
+    path_flags: tuple[str, ...] = ()  # option names of the paths required_paths checks
 
     def __init__(self, opts):
         self.opts = opts
         self.device = torch.device("cpu")
-
-    path_flags: tuple[str, ...] = ()
 
     def required_paths(self) -> dict:
         """flag -> path that must exist (checked before anything is built).

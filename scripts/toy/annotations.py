@@ -17,10 +17,9 @@ import itertools
 
 from scripts.toy.text import TVC, TVQA, TVR, describe
 from scripts.toy.videos import pick
-from scripts.toy.world import ACTIONS, CHARACTERS, LOCATIONS, Video
+from scripts.toy.world import N_VALUES, Video, absent_values
 
 TVR_TYPES = ("v", "v", "vt", "vt", "t")
-FIELD_SIZES = {"char": len(CHARACTERS), "loc": len(LOCATIONS), "action": len(ACTIONS)}
 
 
 def subtitle_lines(videos: list[Video]) -> list[dict]:
@@ -47,12 +46,12 @@ def answers(rng, template: str, video: Video, scene, field: str) -> tuple[list[s
     """Five candidates differing only in ``field``; returns them and the correct index.
 
     The four distractors name values that occur nowhere in the clip, so a candidate is right
-    exactly when its value can be found in the clip's frames (place, action) or subtitles
-    (object). Why: telling which of several present values belongs to the asked moment is a
-    two-hop problem that the demo's few CPU minutes of training cannot learn.
+    exactly when its value (character, place or action) can be found in the clip's frames.
+    Why: telling which of several present values belongs to the asked moment is a two-hop
+    problem that the demo's few CPU minutes of training cannot learn.
     """
-    present = {getattr(sc, field) for sc in video.scenes}
-    wrong = [int(x) for x in rng.permutation(FIELD_SIZES[field]) if int(x) not in present][:4]
+    absent = set(absent_values(video, field))
+    wrong = [int(x) for x in rng.permutation(N_VALUES[field]) if int(x) in absent][:4]
     values = [getattr(scene, field)] + wrong
     order = [int(i) for i in rng.permutation(5)]
     cands = [describe(template, scene, **{field: values[i]}) for i in order]

@@ -34,6 +34,9 @@ LOCATIONS = ("kitchen", "office", "park", "hospital", "cafe", "bedroom", "garden
 OBJECTS = ("phone", "letter", "key", "book", "cake", "ring", "camera", "umbrella", "guitar",
            "wallet")
 
+N_VALUES = {"char": len(CHARACTERS), "action": len(ACTIONS), "loc": len(LOCATIONS),
+            "obj": len(OBJECTS)}
+
 
 @dataclass
 class Scene:
@@ -74,6 +77,13 @@ class Video:
     @property
     def duration(self) -> float:
         return round(self.n_frames * self.fi, 2)
+
+
+def absent_values(video: Video, field: str) -> list[int]:
+    """The values of ``field`` that no scene of ``video`` has, ascending (TVQA distractors and
+    VIOLIN false facts are drawn from them)."""
+    present = {getattr(sc, field) for sc in video.scenes}
+    return [v for v in range(N_VALUES[field]) if v not in present]
 
 
 def split_lengths(rng, n_range, len_range, total_range) -> list[int]:
