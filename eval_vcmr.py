@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from eval.retrieval import validate_full_vcmr  # noqa: F401 - upstream's import location
 from eval.retrieval_cli import run
+from utils.errors import run_main
 
 
 def main(argv=None):
@@ -22,4 +23,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

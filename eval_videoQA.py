@@ -18,6 +18,7 @@ from __future__ import annotations
 from data.videoQA import VideoQaEvalDataset, video_qa_eval_collate
 from eval.qa import build_qa_parser, parse_qa_args, run_qa_eval, validate_videoQA
 from model.videoQA import HeroForVideoQA
+from utils.errors import run_main
 
 DEFAULTS = dict(sub_txt_db="/txt/tv_subtitles.db", vfeat_db="/video/tv",
                 query_txt_db="/txt/tvqa_val.db/", split="val")
@@ -41,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

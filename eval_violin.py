@@ -21,6 +21,7 @@ from data.violin import ViolinEvalDataset, violin_eval_collate
 from eval.common import load_hps
 from eval.qa import build_qa_parser, parse_qa_args, run_qa_eval, validate_violin
 from model.violin import HeroForViolin
+from utils.errors import run_main
 
 DEFAULTS = dict(sub_txt_db="/txt/violin_subtitles.db", vfeat_db="/video/violin",
                 query_txt_db="/txt/violin_test.db", split="test")
@@ -43,4 +44,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

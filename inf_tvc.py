@@ -8,7 +8,8 @@ Usage (from the repository root)::
 
 Multi-GPU: ``torchrun --nproc_per_node N inf_tvc.py ...`` (videos are sharded by rank, all clips
 of a video on one rank, and the captions gathered). The model is
-``{model_dir}/ckpt/model_step_{ckpt_step}.pt`` built from ``{model_dir}/log/model_config.json``;
+``{model_dir}/ckpt/model_step_{ckpt_step}.pt`` built from ``{model_dir}/log/model_config.json``
+and loaded strictly (a checkpoint without the caption decoder, e.g. a pretrained one, is refused);
 subtitle/video DBs and data settings come from ``log/hps.json``. Rank 0 writes one line per clip,
 ``{"vid_name", "clip_id", "ts", "descs": [{"desc"}]}`` (the official TVC submission format), to
 ``--output``, and, when the target lines carry reference ``descs`` (val), logs Bleu_1..4,
@@ -44,6 +45,7 @@ from eval.qa import DATA_KEYS
 from eval.tvc import TVCEval
 from model.tvc import HeroForTvc
 from utils.distributed import get_rank
+from utils.errors import run_main
 from utils.logger import console_logging
 from utils.save import atomic_write_text
 from utils.tokenizer import load_toker
@@ -133,10 +135,10 @@ def main(argv=None):
     hps = load_hps(opts.model_dir)
     require_hps(hps, DATA_KEYS + ("sub_txt_db", "vfeat_db"), opts.model_dir)
     toker = load_toker(tokenizer_dir(opts, hps))
-    loader = build_loader(opts, hps, device)
-    evaluator = reference_evaluator(opts)
     model, _ = build_eval_model(HeroForTvc, opts.model_dir, opts.ckpt_step, device,
                                 lsr=getattr(hps, "lsr", 0.1))
+    loader = build_loader(opts, hps, device)
+    evaluator = reference_evaluator(opts)
     fp16 = not opts.no_fp16 and device.type == "cuda"
     if not opts.no_fp16 and not fp16:
         LOGGER.info("no CUDA device: decoding in fp32")
@@ -146,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -39,6 +39,7 @@ from utils.dist_setup import unwrap_model
 from utils.distributed import all_gather_object
 from utils.engine import TrainTask
 from utils.entry import parse_task_args, run_training
+from utils.errors import run_main
 
 LOGGER = logging.getLogger(__name__)
 TASKS = ("mlm", "mfm-nce", "mffr", "fom", "vsm")
@@ -79,6 +80,7 @@ class PretrainTask(TrainTask):
     honour_lr_mul = False
     restore_before_validation = False
     final_ckpt_suffix = None
+    required_keys = ("model_config", "txt_db", "img_db")  # + 'targets', checked at parse time
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -299,4 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

@@ -55,6 +55,7 @@ from train_videoQA import init_state_dict
 from utils.distributed import all_gather_object, get_rank
 from utils.engine import PERF_EVERY, TrainTask, add_run_args
 from utils.entry import run_training
+from utils.errors import run_main
 from utils.logger import TB_LOGGER
 from utils.save import atomic_write_text
 from utils.tokenizer import load_toker
@@ -109,6 +110,7 @@ class TvcTask(TrainTask):
     final_ckpt_suffix = None
     path_flags = ("model_config", "checkpoint", "sub_txt_db", "vfeat_db", "train_db", "val_db",
                   "val_ref", "toker")
+    required_keys = ("model_config", "sub_txt_db", "vfeat_db", "train_db", "val_db", "val_ref")
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -212,4 +214,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

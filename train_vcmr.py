@@ -56,6 +56,7 @@ from utils.dist_setup import unwrap_model
 from utils.distributed import all_gather_object, get_rank
 from utils.engine import TrainTask
 from utils.entry import parse_task_args, run_training
+from utils.errors import run_main
 
 LOGGER = logging.getLogger(__name__)
 QUERY_DB_KEYS = ("train_query_txt_db", "val_query_txt_db", "test_query_txt_db")
@@ -92,6 +93,12 @@ class VcmrTask(TrainTask):
         self._n_constant = 0
 
     # ------------------------------------------------------------------ inputs
+    @property
+    def required_keys(self) -> tuple:
+        """Options the run cannot start without; video-only corpora have no subtitle DB."""
+        keys = ("model_config", "vfeat_db", "train_query_txt_db", "val_query_txt_db")
+        return keys if self.video_only else (*keys, "sub_txt_db")
+
     def required_paths(self) -> dict:
         opts = self.opts
         paths = {"model_config": opts.model_config, "checkpoint": opts.checkpoint or None,
@@ -264,4 +271,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

@@ -51,6 +51,7 @@ from model.videoQA import HeroForVideoQA
 from utils.distributed import get_rank
 from utils.engine import TrainTask, describe_batch
 from utils.entry import parse_task_args, run_training
+from utils.errors import run_main
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class VideoQaTask(TrainTask):
 
     path_flags = ("model_config", "checkpoint", "sub_txt_db", "vfeat_db", "train_query_txt_db",
                   "val_query_txt_db", "test_query_txt_db")
+    required_keys = ("model_config", "sub_txt_db", "vfeat_db", "train_query_txt_db",
+                     "val_query_txt_db")
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -172,4 +175,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

@@ -30,6 +30,7 @@ from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict
 from model.violin import VIOLIN_MAX_FRM_SEQ_LEN, HeroForViolin
 from train_videoQA import VideoQaTask, init_state_dict
 from utils.entry import parse_task_args, run_training
+from utils.errors import run_main
 
 
 class ViolinTask(VideoQaTask):
@@ -65,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

@@ -31,6 +31,7 @@ from eval.retrieval import validate_full_vr
 from model.vr import VR_TASKS, HeroForVr
 from train_vcmr import VcmrTask
 from utils.entry import parse_task_args, run_training
+from utils.errors import run_main
 
 
 class VrTask(VcmrTask):
@@ -73,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

@@ -14,21 +14,54 @@ Differences from upstream, on purpose:
   failing later;
 * ``choices`` are not checked for JSON values, as upstream (``train_vr.py`` relies on this);
 * ``max_vr_video``, ``vr_eval_video_batch_size`` and ``vr_eval_q_batch_size`` are declared
-  (training.md §8 question 8) with the defaults the released configs rely on.
+  (training.md §8 question 8) with the defaults the released configs rely on;
+* (issue 13) a JSON key that is not an option but close to one (``learnig_rate``) is refused
+  with a "did you mean" instead of being kept; the other undeclared keys are kept as upstream
+  and reported by :func:`config_warnings`, which the engine logs at WARNING once ``log.txt`` is
+  open. Known upstream leftovers (``rank``, ``vcmr_eval_batch_size``, training.md P1) are never
+  typos; keys a script reads from JSON only (pre-training's ``targets``) are not warned about;
+* command-line flags must be spelt in full (no argparse prefix abbreviations): an abbreviation
+  such as ``--learning 1`` is not seen by the CLI-beats-JSON rule (the JSON value would win
+  silently), and a prefix that is unique today becomes ambiguous when a flag is added. An
+  unknown flag is refused with the closest flag suggested;
+* where each option came from (flag, JSON file, default) is kept on the parsed namespace outside
+  ``vars(opts)`` (so ``hps.json`` and the resume comparison are unchanged), for error messages:
+  :func:`check_required_keys`, :func:`describe_origin`.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
-import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-LOGGER = logging.getLogger(__name__)
+from utils.errors import HeroError
+
+TYPO_CUTOFF = 0.85  # difflib ratio; released keys and other scripts' options stay below it
+UPSTREAM_INERT_KEYS = ("rank", "vcmr_eval_batch_size")  # set by the released configs, never read
 
 
-class ConfigError(ValueError):
+class ConfigError(HeroError, ValueError):
     """A configuration value is missing, malformed, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Where the options of one parse came from (kept for messages, not saved)."""
+
+    path: str | None  # the --config file, None when not given
+    json_keys: frozenset = frozenset()  # keys of that file
+    explicit: frozenset = frozenset()  # flag names given on the command line
+    undeclared: tuple = ()  # JSON keys that are not options and not read by the script
+    flags: frozenset = frozenset()  # the options the script declares
+
+
+class Options(argparse.Namespace):
+    """The parsed options; ``_origin`` is a slot, so it is not in ``vars(opts)``/hps.json."""
+
+    __slots__ = ("_origin",)
 
 
 def add_bool(parser, name: str, default: bool = False, help: str = "") -> None:
@@ -52,7 +85,7 @@ class SharedConfigs:
     """The shared flags of every script (training.md §1.2) plus the per-task groups (§1.3)."""
 
     def __init__(self, desc: str = "hero"):
-        self.parser = argparse.ArgumentParser(description=desc)
+        self.parser = argparse.ArgumentParser(description=desc, allow_abbrev=False)
         p = self.parser
         p.add_argument("--model_config", type=str, default=None,
                        help="model-architecture JSON")
@@ -112,9 +145,8 @@ class SharedConfigs:
         add_bool(p, "skip_layer_loading")
         p.add_argument("--mask_prob", type=float, default=0.15)
         self._vsm_args()
-        opts = parse_with_config(p, argv)
-        if not getattr(opts, "targets", None):
-            raise ConfigError("pretraining needs 'targets' in the JSON config (--config)")
+        opts = parse_with_config(p, argv, json_only=("targets",))
+        check_required_keys(opts, ("targets",))  # the corpora and tasks; JSON only, as upstream
         if opts.targets_ratio is None:
             opts.targets_ratio = [1] * len(opts.targets)
         _check_hard_negative_lists(opts)
@@ -198,29 +230,135 @@ def load_json_config(path) -> dict:
     return cfg
 
 
-def parse_with_config(parser, argv=None):
-    """Parse ``argv`` then overlay the ``--config`` JSON on every non-explicit key."""
+def parse_with_config(parser, argv=None, json_only=()):
+    """Parse ``argv`` then overlay the ``--config`` JSON on every non-explicit key.
+
+    ``json_only``: undeclared keys the script reads from the JSON (kept without a warning).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    if args.config is not None:
-        cfg = load_json_config(args.config)
-        explicit = explicit_flags(argv)
-        actions = {a.dest: a for a in parser._actions}
-        unknown = sorted(k for k in cfg if k not in actions)
-        if unknown:
-            LOGGER.info("%s: keys not declared by this script, kept as-is: %s",
-                        args.config, ", ".join(unknown))
-        for key, value in cfg.items():
-            if key in explicit:
-                continue
-            if key in actions:
-                _check_type(args.config, key, value, actions[key])
-            setattr(args, key, value)
+    parser.allow_abbrev = False  # see the module doc: abbreviations defeat CLI-beats-JSON
+    args, extra = parser.parse_known_args(argv, namespace=Options())
+    if extra:
+        parser.error(unrecognized_message(parser, extra))
+    explicit, path = explicit_flags(argv), args.config
+    cfg = load_json_config(path) if path is not None else {}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    undeclared = _undeclared_keys(path, cfg, actions, json_only)
+    for key, value in cfg.items():
+        if key in explicit:
+            continue
+        if key in actions:
+            _check_type(path, key, value, actions[key])
+        setattr(args, key, value)
     del args.config
+    args._origin = ConfigOrigin(path, frozenset(cfg), frozenset(explicit),
+                                tuple(k for k in undeclared if k not in json_only),
+                                frozenset(actions))
     accum = getattr(args, "gradient_accumulation_steps", 1)
     if accum < 1:
         raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {accum}")
     return args
+
+
+def unrecognized_message(parser, extra) -> str:
+    """argparse's "unrecognized arguments", with the closest declared flag for each."""
+    flags = [o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for tok in extra:
+        name = tok[2:].split("=", 1)[0] if tok.startswith("--") else ""
+        match = [f for f in flags if name and f.startswith(name)][:3] or \
+            difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        if match:
+            hints.append(f"{tok.split('=', 1)[0]}: did you mean "
+                         + " or ".join(f"--{m}" for m in match) + "?")
+    msg = "unrecognized arguments: " + " ".join(extra)
+    return msg + ("; " + "; ".join(hints) + " (flags must be spelt in full)" if hints else "")
+
+
+def _typo_of(key: str, declared) -> str | None:
+    """The declared option ``key`` is most likely a misspelling of, if any (issue 13)."""
+    if key in UPSTREAM_INERT_KEYS:
+        return None
+    lower = {d.lower(): d for d in declared}
+    match = difflib.get_close_matches(key.lower(), list(lower), n=1, cutoff=TYPO_CUTOFF)
+    if match:
+        return lower[match[0]]
+    for d in declared:  # two neighbouring letters swapped ("tsak"), missed by the ratio
+        diff = [i for i, (a, b) in enumerate(zip(key, d)) if a != b]
+        if len(key) == len(d) and len(diff) == 2 and diff[1] == diff[0] + 1 \
+                and key[diff[0]] == d[diff[1]] and key[diff[1]] == d[diff[0]]:
+            return d
+    return None
+
+
+def _undeclared_keys(path, cfg: dict, actions: dict, json_only=()) -> list:
+    """JSON keys that are not options; one that looks like a misspelt option is refused."""
+    undeclared = sorted(k for k in cfg if k not in actions)
+    typos = {key: _typo_of(key, actions) for key in undeclared if key not in json_only}
+    found = [f"key '{key}' is not an option of this script; did you mean '{typo}'?"
+             for key, typo in typos.items() if typo]
+    if found:
+        raise ConfigError(f"{path}: {' '.join(found)} Correct the key in {path}" if
+                          len(found) == 1 else f"{path}: {' '.join(found)} Correct the keys "
+                          f"in {path}")
+    return undeclared
+
+
+def config_origin(opts) -> ConfigOrigin:
+    """The :class:`ConfigOrigin` of ``opts``; an empty one for options not parsed here."""
+    return getattr(opts, "_origin", None) or ConfigOrigin(None)
+
+
+def config_warnings(opts) -> list:
+    """Messages about the parse worth a WARNING in the run's log (issue 13): the JSON keys that
+    are not options of the script, kept as attributes as upstream does."""
+    origin = config_origin(opts)
+    if not origin.undeclared:
+        return []
+    inert = [k for k in origin.undeclared if k in UPSTREAM_INERT_KEYS]
+    note = f" ({', '.join(inert)}: set by the released configs but read by no script)" \
+        if inert else ""
+    return [f"{origin.path}: key(s) not declared by this script, kept but not read by it: "
+            f"{', '.join(origin.undeclared)}{note}; check the spelling if one was meant to "
+            "set an option"]
+
+
+def describe_origin(opts, key: str) -> str:
+    """Where ``key`` (or the option ``targets[tv].vfeat_db`` is built from) was set: ``from
+    --key``, ``from key 'key' of FILE``, ``default of --key``, or "" when not known."""
+    origin, base = config_origin(opts), key.split("[", 1)[0].split(".", 1)[0]
+    if base in origin.explicit:
+        return f"from --{base}"
+    if base in origin.json_keys:
+        return f"from key '{base}' of {origin.path}"
+    return f"default of --{base}" if base in origin.flags else ""
+
+
+def check_required_keys(opts, keys) -> None:
+    """Raise one :class:`ConfigError` naming every key of ``keys`` that is missing, null or
+    empty, the config file, and how to set it (issue 13)."""
+    missing = [k for k in keys if getattr(opts, k, None) in (None, "", [])]
+    if not missing:
+        return
+    origin = config_origin(opts)
+    causes = {}
+    for k in missing:
+        cause = "empty" if k in origin.explicit else "null" if k in origin.json_keys \
+            else "missing"
+        causes.setdefault(cause, []).append(f"'{k}'")
+    if len(missing) == 1:
+        what, them = f"required key {missing[0]!r} is {next(iter(causes))}", "it"
+    else:
+        what, them = "required keys not set (" + "; ".join(
+            f"{cause}: {', '.join(keys)}" for cause, keys in causes.items()) + ")", "them"
+    flags = " ".join(f"--{k} VALUE" for k in missing if k in origin.flags)
+    cli = f" or pass {flags}" if flags else ""
+    if origin.path is None:
+        raise ConfigError(f"no --config given: {what}; pass a --config JSON file that sets "
+                          f"{them}{cli}")
+    hint = (f" (its keys {', '.join(origin.undeclared)} are not options of this script)"
+            if origin.undeclared else "")
+    raise ConfigError(f"{origin.path}: {what}{hint}; set {them} in {origin.path}{cli}")
 
 
 def _kind_ok(value, typ) -> bool:

@@ -21,11 +21,17 @@ import lz4.frame
 import msgpack
 import numpy as np
 
+from utils.errors import HeroError
+
 LZ4_FRAME_MAGIC = b"\x04\x22\x4d\x18"
 
 
-class RecordDecodeError(ValueError):
-    """A stored value could not be decoded; the message names the database and key."""
+REBUILD = "the DB is corrupt: re-copy or re-download it, or rebuild it with its prepro script"
+
+
+class RecordDecodeError(HeroError, ValueError):
+    """A stored value could not be decoded; the message names the database and key and says
+    what to do (issue 13, storage)."""
 
 
 def _encode_ndarray(obj):
@@ -59,7 +65,7 @@ def decode_txt(value, where: str = "") -> object:
         raw = lz4.frame.decompress(value)
         return msgpack.loads(raw, raw=False, strict_map_key=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the location attached
-        raise RecordDecodeError(f"cannot decode text record {where}: {exc}") from exc
+        raise RecordDecodeError(f"cannot decode text record {where} ({exc}); {REBUILD}") from exc
 
 
 def _unpack_fields(raw: bytes, fields) -> dict:
@@ -86,7 +92,7 @@ def decode_txt_fields(value, fields, where: str = "") -> dict:
     try:
         found = _unpack_fields(lz4.frame.decompress(value), frozenset(fields))
     except Exception as exc:  # noqa: BLE001 - re-raised with the location attached
-        raise RecordDecodeError(f"cannot decode text record {where}: {exc}") from exc
+        raise RecordDecodeError(f"cannot decode text record {where} ({exc}); {REBUILD}") from exc
     missing = [f for f in fields if f not in found]
     if missing:
         raise RecordDecodeError(f"text record {where} lacks the field(s) {missing}")
@@ -115,5 +121,6 @@ def decode_video(value, compress: bool = False, where: str = "") -> np.ndarray:
                                 object_hook=_decode_ndarray)
             feats = rec["features"]
     except Exception as exc:  # noqa: BLE001 - re-raised with the location attached
-        raise RecordDecodeError(f"cannot decode video record {where}: {exc}") from exc
+        raise RecordDecodeError(f"cannot decode video record {where} ({exc}); "
+                               f"{REBUILD}") from exc
     return np.asarray(feats, dtype=np.float32)

@@ -10,7 +10,11 @@
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -19,11 +23,66 @@ from torch.utils.data import DataLoader
 from utils.distributed import broadcast_object
 
 
+class _ExitFlag:
+    """Set (shared memory, inherited by forked workers) once the main process is exiting."""
+
+    value = None
+
+    @classmethod
+    def get(cls):
+        if cls.value is None:
+            cls.value = multiprocessing.Value("b", 0, lock=False)
+            atexit.register(cls.mark)  # runs before multiprocessing terminates its workers
+        return cls.value
+
+    @classmethod
+    def mark(cls) -> None:
+        if cls.value is not None:
+            cls.value.value = 1
+
+
+def _worker_sigterm(signum, frame) -> None:
+    flag = _ExitFlag.value
+    if flag is None or flag.value:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a DataLoader worker: ignore SIGINT, and SIGTERM until the main process exits.
+
+    Why (issue 13 item 7): Ctrl-C and SLURM signal every process of the job, workers included,
+    while the main process must still fetch the batches of the update it finishes before it
+    saves. A worker still ends with its parent (PyTorch's watchdog) and obeys the SIGTERM that
+    ``multiprocessing`` sends at the parent's exit (the flag is set by then). Call
+    :func:`prepare_worker_signals` in the main process before the workers start.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def prepare_worker_signals() -> None:
+    """Create the exit flag in the main process (forked workers inherit it)."""
+    _ExitFlag.get()
+
+
+def shutdown_workers(loader) -> None:
+    """Stop a DataLoader's persistent workers now (PyTorch does it only when the loader is
+    garbage collected; after an error, a traceback can keep it alive until interpreter exit,
+    where ``multiprocessing`` SIGTERMs the workers and PyTorch reports "worker killed")."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None
+
+
 def worker_init_fn(worker_id: int) -> None:
     """Seed Python ``random`` and NumPy from the worker's torch seed (distinct per worker).
 
     Dataset masking uses Python ``random``; without this, NumPy would repeat across workers.
     """
+    ignore_stop_signals()
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -37,6 +96,8 @@ def build_dataloader(dataset, collate_fn, is_train: bool, opts) -> DataLoader:
     """
     batch_size = opts.train_batch_size if is_train else opts.val_batch_size
     n_workers = getattr(opts, "n_workers", 0)
+    if n_workers > 0:
+        prepare_worker_signals()
     return DataLoader(dataset, batch_size=batch_size, shuffle=is_train,
                       num_workers=n_workers,
                       pin_memory=bool(getattr(opts, "pin_mem", False))

@@ -26,7 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.loader import PrefetchLoader
+from data.loader import (
+    PrefetchLoader,
+    ignore_stop_signals,
+    prepare_worker_signals,
+    shutdown_workers,
+)
 from utils.distributed import get_rank
 
 
@@ -91,13 +96,16 @@ class ResumableLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.sampler = ResumableSampler(len(dataset), seed, shuffle)
+        if n_workers:
+            prepare_worker_signals()
         gen = torch.Generator()
         gen.manual_seed(item_seed(seed, name, "loader"))
         self.loader = DataLoader(SeededItems(dataset, seed, name), batch_size=batch_size,
                                  sampler=self.sampler, collate_fn=collate_fn,
                                  num_workers=n_workers, persistent_workers=n_workers > 0,
                                  pin_memory=pin_mem and torch.cuda.is_available(),
-                                 generator=gen)
+                                 generator=gen,
+                                 worker_init_fn=ignore_stop_signals if n_workers else None)
         use_device = device is not None and torch.device(device).type == "cuda"
         self.batches = PrefetchLoader(self.loader, device) if use_device else self.loader
         self.epoch, self.consumed = 0, 0
@@ -111,6 +119,10 @@ class ResumableLoader:
             self.consumed += 1
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
+
+    def close(self) -> None:
+        """Stop the worker processes (the engine calls this when a run ends, error or not)."""
+        shutdown_workers(self.loader)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}

@@ -14,7 +14,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from data.db import TXT_MAX_READERS, LazyLmdb, read_json, read_jsonl
+from data.db import TXT_MAX_READERS, LazyLmdb, StorageError, read_json, read_jsonl
 
 LOGGER = logging.getLogger(__name__)
 META_KEYS = ("CLS", "EOS", "PAD", "BOS", "SEP", "MASK", "v_range")
@@ -47,8 +47,14 @@ class TxtTokLmdb:
     """Any text DB except TVC: decoded records by id, special ids from ``meta.json``.
 
     ``max_txt_len != -1`` *drops* ids longer than it (a filter, not a truncation, as upstream);
-    the number dropped is logged once. The order of ``id2len`` is the dataset order.
+    the number dropped is logged once, and a filter that keeps nothing is a StorageError. The
+    order of ``id2len`` is the dataset order. Where ``id2len`` is the item list
+    (``items_from_id2len``: the query DBs), a missing or empty ``id2len.json`` is a StorageError
+    too: it would otherwise give an empty dataset (issue 13: StopIteration in training, 0
+    queries scored in evaluation).
     """
+
+    items_from_id2len = False
 
     def __init__(self, db_dir, max_txt_len=-1):
         self.db_dir = db_dir
@@ -67,12 +73,23 @@ class TxtTokLmdb:
 
     def _load_id2len(self) -> dict:
         path = os.path.join(self.db_dir, "id2len.json")
-        if not os.path.isfile(path):
-            return {}
-        id2len = read_json(path)
-        if self.max_txt_len == -1:
+        id2len = read_json(path) if os.path.isfile(path) else {}
+        if not isinstance(id2len, dict):
+            raise StorageError(f"{path} is not a JSON object {{id: length}}: rebuild the DB "
+                               f"with its prepro script")
+        if not id2len and self.items_from_id2len:
+            state = "empty" if os.path.isfile(path) else "missing"
+            raise StorageError(f"{path} is {state}, so the query DB {self.db_dir} has no items: "
+                               f"re-copy the DB folder with its side files, or rebuild it with "
+                               f"its prepro script")
+        if self.max_txt_len == -1 or not id2len:
             return id2len
         kept = {k: n for k, n in id2len.items() if _txt_len(n) <= self.max_txt_len}
+        if not kept:
+            what = "query" if self.items_from_id2len else "item"
+            raise StorageError(f"no {what} in {self.db_dir} is at most max_txt_len="
+                               f"{self.max_txt_len} tokens (0 of {len(id2len)} kept; lengths "
+                               f"from {path}): raise max_txt_len (config key or --max_txt_len)")
         if len(kept) < len(id2len):
             LOGGER.info("%s: dropped %d of %d items longer than max_txt_len=%d",
                         self.db_dir, len(id2len) - len(kept), len(id2len), self.max_txt_len)
@@ -91,6 +108,8 @@ class TxtTokLmdb:
 
 class QueryTokLmdb(TxtTokLmdb):
     """TVR/DiDeMo queries: optional ``query2video.json`` and ``query_data.jsonl``."""
+
+    items_from_id2len = True
 
     def __init__(self, db_dir, max_txt_len=-1):
         super().__init__(db_dir, max_txt_len)
@@ -117,6 +136,8 @@ class QueryTokLmdb(TxtTokLmdb):
 
 class QaQueryTokLmdb(TxtTokLmdb):
     """TVQA/VIOLIN: ``query2video.json`` is mandatory; no query_data."""
+
+    items_from_id2len = True
 
     def __init__(self, db_dir, max_txt_len=-1):
         super().__init__(db_dir, max_txt_len)

@@ -7,6 +7,11 @@ checks that ``--split`` occurs in the query DB path, builds the task model with
 ``max_frm_seq_len`` taken from the checkpoint (the key must be present, as upstream asserts),
 dropout off, eval mode, and writes its results JSON atomically.
 
+The checkpoint is loaded strictly (issue 13): every learned weight of the task model must be in
+it, since a missing head would stay at random init and its score would be written as a result.
+A checkpoint of another task, a pretrained one, a training state, a file that is not a state
+dict, or a tensor of another shape is an :class:`EvalSetupError` naming the file and what to pass.
+
 Decisions:
 - ``vfeat_dim`` is read from the checkpoint's ``img_linear`` weight when present (4352 for the
   released features), so models trained on other feature sizes evaluate without a flag.
@@ -27,11 +32,21 @@ from types import SimpleNamespace
 import torch
 
 from model.layers import set_dropout
-from model.model import FRAME_POS_KEY, VFEAT_DIM
+from model.model import FRAME_POS_KEY, VFEAT_DIM, MissingWeightsError, WeightShapeError
+from utils.errors import HeroError
 from utils.save import atomic_write_text, load_checkpoint_file
 
 LOGGER = logging.getLogger(__name__)
 IMG_LINEAR_KEY = "v_encoder.f_encoder.img_embeddings.img_linear.weight"
+# task model -> (task, the script that fine-tunes it, a key prefix only its checkpoints hold)
+TASKS = {"HeroForVideoQA": ("TVQA / How2QA", "train_videoQA.py", "qa_pred_head."),
+         "HeroForViolin": ("VIOLIN", "train_violin.py", "violin_pred_head."),
+         "HeroForTvc": ("TVC", "train_tvc.py", "decoder."),
+         "HeroForVcmr": ("VCMR (TVR / How2R / DiDeMo)", "train_vcmr.py", "video_query_linear."),
+         "HeroForVr": ("VR (MSR-VTT)", "train_vr.py", "video_query_linear.")}
+# head key prefix -> the kind of checkpoint holding it (model.md §11.3)
+CHECKPOINT_KINDS = {"qa_pred_head.": "TVQA / How2QA", "violin_pred_head.": "VIOLIN",
+                    "decoder.": "TVC", "video_query_linear.": "VCMR / VR or pretraining"}
 
 
 def model_device(model) -> torch.device:
@@ -50,7 +65,7 @@ def eval_mode(model):
         model.train(was_training)
 
 
-class EvalSetupError(ValueError):
+class EvalSetupError(HeroError, ValueError):
     """An evaluation input (run folder, checkpoint, split, DB path) is missing or inconsistent."""
 
 
@@ -94,6 +109,9 @@ def resolve_checkpoint(checkpoint, output_dir) -> Path:
     if checkpoint is None:
         raise EvalSetupError("--checkpoint is required (a file path or a step number)")
     path = Path(str(checkpoint))
+    if path.is_dir():
+        raise EvalSetupError(f"--checkpoint {checkpoint!r} is a folder; pass a model checkpoint "
+                             "file (ckpt/model_step_N.pt) or a step number")
     if path.exists():
         return path
     step_path = Path(output_dir) / "ckpt" / f"model_step_{checkpoint}.pt"
@@ -124,24 +142,76 @@ def get_device(device=None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def read_model_checkpoint(path: Path) -> dict:
+    """The model state dict in ``path``; anything else is refused naming the file."""
+    state_dict = load_checkpoint_file(path)
+    if not isinstance(state_dict, dict):
+        raise EvalSetupError(f"{path} holds a {type(state_dict).__name__}, not a model state "
+                             "dict; pass a model checkpoint (ckpt/model_step_N.pt of a run)")
+    if "global_step" in state_dict and "rng" in state_dict:
+        raise EvalSetupError(f"{path} is a training state (what --resume reads), not model "
+                             "weights; pass the model checkpoint ckpt/model_step_N.pt")
+    if not torch.is_tensor(state_dict.get(FRAME_POS_KEY)):
+        raise EvalSetupError(f"{path} has no {FRAME_POS_KEY}; evaluation takes "
+                             "max_frm_seq_len from it (training.md P20). Is it a HERO "
+                             "model checkpoint? Pass ckpt/model_step_N.pt of a training run")
+    return state_dict
+
+
+def checkpoint_kind(state_dict) -> str | None:
+    """The head key prefix of a checkpoint (a ``CHECKPOINT_KINDS`` key), None if it has none."""
+    for prefix in CHECKPOINT_KINDS:
+        if any(str(k).startswith(prefix) for k in state_dict):
+            return prefix
+    return None
+
+
+def missing_weights_message(model_cls, ckpt_path, state_dict, missing) -> str:
+    """One message: the file, the missing keys (short list + count), what it is, what to do."""
+    task, script, head = TASKS.get(model_cls.__name__,
+                                   (model_cls.__name__, "its training script", None))
+    shown = ", ".join(missing[:6]) + (f", ... (+{len(missing) - 6} more)"
+                                      if len(missing) > 6 else "")
+    kind = checkpoint_kind(state_dict)
+    guess = (f"It looks like a checkpoint of {CHECKPOINT_KINDS[kind]}" if kind not in (None, head)
+             else "It may be a checkpoint of another task or model config")
+    return (f"{ckpt_path} lacks {len(missing)} weight(s) that {model_cls.__name__} needs "
+            f"({shown}): they would stay at random init, so the model is not evaluated. "
+            f"{guess}: pass a checkpoint fine-tuned for {task} (ckpt/model_step_N.pt of a "
+            f"{script} run)")
+
+
+def load_eval_weights(model_cls, output_dir, ckpt_path, state_dict, **kwargs):
+    """``model_cls`` from the run's model_config.json with every weight from the checkpoint
+    (strict: ``allowed_missing=()``; only training starts a head at random init)."""
+    config = load_model_config(output_dir)
+    try:
+        return model_cls.from_pretrained(config, state_dict, allowed_missing=(),
+                                         source=str(ckpt_path), **kwargs)
+    except MissingWeightsError as exc:
+        raise EvalSetupError(missing_weights_message(model_cls, ckpt_path, state_dict,
+                                                     exc.missing)) from exc
+    except WeightShapeError as exc:
+        raise EvalSetupError(f"{exc}\nThe checkpoint does not fit the model of "
+                             f"{Path(output_dir) / 'log' / 'model_config.json'}: pass a "
+                             "checkpoint of this run, or as --output_dir the run that wrote "
+                             "it") from exc
+
+
 def build_eval_model(model_cls, output_dir, checkpoint, device=None, **model_kwargs):
     """Load ``checkpoint`` into ``model_cls`` built from the run's model_config.json.
 
-    ``max_frm_seq_len`` comes from the checkpoint's frame position table (required). Dropout is
-    set to 0 and the model is put in eval mode on ``device``. Returns ``(model, ckpt_path)``.
+    ``max_frm_seq_len`` comes from the checkpoint's frame position table (required); every
+    weight must be present (:func:`load_eval_weights`). Dropout is set to 0 and the model is
+    put in eval mode on ``device``. Returns ``(model, ckpt_path)``.
     """
     ckpt_path = resolve_checkpoint(checkpoint, output_dir)
-    state_dict = load_checkpoint_file(ckpt_path)
-    if not isinstance(state_dict, dict) or FRAME_POS_KEY not in state_dict:
-        raise EvalSetupError(f"{ckpt_path} has no {FRAME_POS_KEY}; evaluation takes "
-                             "max_frm_seq_len from it (training.md P20). Is it a model "
-                             "checkpoint (ckpt/model_step_N.pt), not a training state?")
+    state_dict = read_model_checkpoint(ckpt_path)
     max_frm_seq_len = int(state_dict[FRAME_POS_KEY].shape[0])
     img_linear = state_dict.get(IMG_LINEAR_KEY)
     vfeat_dim = int(img_linear.shape[1]) if torch.is_tensor(img_linear) else VFEAT_DIM
-    model = model_cls.from_pretrained(load_model_config(output_dir), state_dict,
-                                      vfeat_dim=vfeat_dim, max_frm_seq_len=max_frm_seq_len,
-                                      **model_kwargs)
+    model = load_eval_weights(model_cls, output_dir, ckpt_path, state_dict, vfeat_dim=vfeat_dim,
+                              max_frm_seq_len=max_frm_seq_len, **model_kwargs)
     set_dropout(model, 0.0)
     model.to(get_device(device)).eval()
     LOGGER.info("loaded %s from %s (max_frm_seq_len %d)", model_cls.__name__, ckpt_path,

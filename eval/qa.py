@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config.config import add_bool, parse_with_config
+from config.config import add_bool, config_warnings, parse_with_config
 from data.data import load_video_sub_dataset
 from data.loader import PrefetchLoader, move_to_device
 from data.txt_db import QaQueryTokLmdb
@@ -243,14 +243,17 @@ def write_qa_outputs(opts, val_log: dict, results: dict, logits) -> Path:
 
 
 def run_qa_eval(opts, model_cls, validate, task: str, dataset_cls, collate, **dataset_kwargs):
-    """Shared body of the two scripts; returns ``(val_log, results, logits)``."""
+    """Shared body of the two scripts; returns ``(val_log, results, logits)``. The checkpoint
+    is loaded (strictly, see eval/common.py) before any DB is opened, so a wrong one fails fast."""
     console_logging()
+    for message in config_warnings(opts):
+        LOGGER.warning(message)
     device = init_distributed()
     hps = load_hps(opts.output_dir)
     require_hps(hps, DATA_KEYS, opts.output_dir)
     check_split(opts.split, opts.query_txt_db)
-    loader = build_eval_loader(opts, hps, dataset_cls, collate, device, task, **dataset_kwargs)
     model, _ = build_eval_model(model_cls, opts.output_dir, opts.checkpoint, device)
+    loader = build_eval_loader(opts, hps, dataset_cls, collate, device, task, **dataset_kwargs)
     val_log, results, logits = validate(model, loader, opts.save_logits, opts.fp16, opts.bf16)
     write_qa_outputs(opts, val_log, results, logits)
     return val_log, results, logits

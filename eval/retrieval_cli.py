@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader
 
-from config.config import add_bool, parse_with_config
+from config.config import add_bool, config_warnings, parse_with_config
 from data.data import load_video_only_dataset, load_video_sub_dataset
 from data.txt_db import QueryTokLmdb, VrQueryTokLmdb
 from data.vcmr import (
@@ -127,14 +127,16 @@ def model_kwargs(hps, kind: str) -> dict:
 
 
 def run(kind: str, argv=None):
-    """Evaluate one checkpoint; returns ``(val_log, merged submission)``."""
+    """Evaluate one checkpoint; returns ``(val_log, merged submission)``. The checkpoint is
+    loaded (strictly, see eval/common.py) before any DB is opened, so a wrong one fails fast."""
     console_logging()
     opts = parse_args(kind, argv)
+    for message in config_warnings(opts):
+        LOGGER.warning(message)
     device = init_distributed()
     hps = load_hps(opts.output_dir)
     require_hps(hps, HPS_KEYS[kind], opts.output_dir)
     check_split(opts.split, opts.query_txt_db)
-    loader = build_query_loader(opts, hps, kind)
     if kind == "vcmr":
         from model.vcmr import HeroForVcmr as model_cls
         validate = validate_full_vcmr
@@ -143,6 +145,7 @@ def run(kind: str, argv=None):
         validate = validate_full_vr
     model, _ = build_eval_model(model_cls, opts.output_dir, opts.checkpoint, device,
                                 **model_kwargs(hps, kind))
+    loader = build_query_loader(opts, hps, kind)
     val_log, submission = validate(model, loader, opts.split, opts, hps, impl=opts.ranking_impl)
     merged = gather_submission(submission, bool(getattr(hps, "distributed_eval", False)))
     if get_rank() == 0:

@@ -2,12 +2,18 @@
 
 Loading follows upstream's ``load_pretrained_weight`` (gamma/beta renames, the ``roberta.``
 prefix rule, dtype-converting copy, ``vocab_padded`` and other non-tensor entries ignored) but is
-strict where upstream was silent: a shape mismatch or a missing key that the task class does not
-list in ``expected_missing_keys`` raises an error naming the key (model.md §11.1, §15.20).
+strict where upstream was silent: a shape mismatch (:class:`WeightShapeError`) or a missing key
+that the task class does not list in ``expected_missing_keys`` (:class:`MissingWeightsError`)
+raises an error naming the key and the source (model.md §11.1, §15.20). Only training starts a
+head from random init (``expected_missing_keys``, §11.3); evaluation loads strictly
+(``allowed_missing=()``): a fine-tuned checkpoint holds every weight, and a missing head would be
+scored at random init (issue 13).
 
 Decisions on open questions (model.md §14):
 - §14.1: the tied LM-head decoder key may be absent when the word table is present (it is the
-  same tensor), and the two zero ``pad`` buffers may be absent; nothing else may be missing.
+  same tensor), and so may any buffer (the two zero ``pad`` buffers, TVC's ``decoder.tri_mask``
+  and ``loss_func.one_hot``): buffers are built by the constructor, never learned (§11.3).
+  These are tolerated even by a strict load; no learned parameter may be missing.
 - §14.2: :func:`load_roberta` accepts upstream's converted layout (``roberta.lm_head.{dense,
   LayerNorm,bias}``) and a HuggingFace ``RobertaForMaskedLM`` dict; by default the HF head
   (``lm_head.{dense,layer_norm,bias}``) is mapped onto HERO's names so it is loaded instead of
@@ -26,6 +32,7 @@ from torch import nn
 
 from model.config import HeroConfig
 from model.encoder import CrossModalTrm, HierarchicalVlModel
+from utils.errors import HeroError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,27 @@ OPTIONAL_KEYS = ("v_encoder.pad", "v_encoder.f_encoder.pad")
 ROBERTA_LAYERS = 12  # upstream's skip_layers gap is 12 / n_layers (roberta-base depth)
 ROBERTA_LAYER_PREFIX = "roberta.encoder.layer."
 ROBERTA_OPTIONAL = ("img_embeddings.", "pad", "lm_head.", "pooler.")
+
+
+class WeightsError(HeroError):
+    """A state dict does not fit the model it is loaded into."""
+
+
+class MissingWeightsError(WeightsError, KeyError):
+    """The state dict lacks learned weights the model needs (they would stay at random init).
+
+    ``missing`` lists the keys. A ``KeyError`` whose message prints without quotes."""
+
+    def __init__(self, message: str, missing=()):
+        super().__init__(message)
+        self.missing = sorted(missing)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class WeightShapeError(WeightsError, ValueError):
+    """A checkpoint tensor has another shape than the model's, or is not a tensor."""
 
 
 def max_frm_seq_len_from_state_dict(state_dict, default: int = MAX_FRM_SEQ_LEN) -> int:
@@ -85,7 +113,7 @@ def _shape_hint(key: str) -> str:
     return ""
 
 
-def _match_keys(module: nn.Module, state_dict: dict):
+def _match_keys(module: nn.Module, state_dict: dict, source: str = "state dict"):
     """Pair every model key with its checkpoint tensor; returns (pairs, missing, unexpected)."""
     sd = {k.replace("gamma", "weight").replace("beta", "bias"): v for k, v in state_dict.items()}
     prefix = ""
@@ -106,28 +134,38 @@ def _match_keys(module: nn.Module, state_dict: dict):
         else:
             pairs.append((target, src))
     if errors:
-        raise ValueError("cannot load checkpoint:\n  " + "\n  ".join(errors))
+        raise WeightShapeError(f"cannot load {source}: {len(errors)} entr(ies) do not fit "
+                               f"{type(module).__name__}:\n  " + "\n  ".join(errors))
     return pairs, missing, [k for k in sd if k not in used]
+
+
+def always_optional_keys(module: nn.Module, missing) -> set:
+    """Keys any load may lack (§14.1): buffers (built by the constructor, never learned) and
+    the tied LM-head decoder when the word table it shares is loaded."""
+    optional = set(OPTIONAL_KEYS) | {name for name, _ in module.named_buffers()}
+    if WORD_KEY not in missing:
+        optional.add(DECODER_KEY)
+    return optional
 
 
 def load_weights(module: nn.Module, state_dict: dict, allowed_missing=(),
                  source: str = "state dict"):
     """Copy matching tensors into ``module`` (dtype converted, fp16 -> fp32 is fine).
 
-    Every missing key must start with one of ``allowed_missing`` (or be an always-optional key,
-    see the module docstring), else ``KeyError``.  Unexpected keys are logged once.
+    Every missing key must start with one of ``allowed_missing`` (training's
+    ``expected_missing_keys``; ``()`` = strict, as evaluation loads) or be always optional
+    (:func:`always_optional_keys`), else :class:`MissingWeightsError`; a tensor of another
+    shape raises :class:`WeightShapeError`. Unexpected keys are logged once.
     Returns ``(missing, unexpected)``.
     """
-    pairs, missing, unexpected = _match_keys(module, state_dict)
-    optional = set(OPTIONAL_KEYS)
-    if WORD_KEY not in missing:
-        optional.add(DECODER_KEY)
-    unknown = [k for k in missing
-               if k not in optional and not any(k.startswith(p) for p in allowed_missing)]
+    pairs, missing, unexpected = _match_keys(module, state_dict, source)
+    optional = always_optional_keys(module, missing)
+    allowed = tuple(allowed_missing)
+    unknown = [k for k in missing if k not in optional and not k.startswith(allowed)]
     if unknown:
-        raise KeyError(f"{source} lacks {len(unknown)} key(s) that {type(module).__name__} "
-                       f"needs: {_short(unknown)}. Is the checkpoint for another model class "
-                       "or config?")
+        raise MissingWeightsError(
+            f"{source} lacks {len(unknown)} key(s) that {type(module).__name__} needs: "
+            f"{_short(unknown)}. Is the checkpoint for another model class or config?", unknown)
     with torch.no_grad():
         for target, src in pairs:
             target.copy_(src)
@@ -161,14 +199,23 @@ class HeroModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, config, state_dict, vfeat_dim: int = VFEAT_DIM,
-                        max_frm_seq_len: int = MAX_FRM_SEQ_LEN, **kwargs):
-        """Build ``cls`` and load ``state_dict`` (mapping or path; empty = fresh init)."""
+                        max_frm_seq_len: int = MAX_FRM_SEQ_LEN, *, allowed_missing=None,
+                        source: str | None = None, **kwargs):
+        """Build ``cls`` and load ``state_dict`` (mapping or path; empty = fresh init).
+
+        ``allowed_missing`` defaults to ``cls.expected_missing_keys`` (training from a
+        pretrained checkpoint, §11.3); evaluation passes ``()`` so that a checkpoint without
+        the task head is refused (issue 13). ``source`` names the weights in errors (default:
+        the path, if one is given).
+        """
         model = cls(config, vfeat_dim, max_frm_seq_len, **kwargs)
-        source = str(state_dict) if isinstance(state_dict, (str, Path)) else "state dict"
+        if source is None:
+            source = str(state_dict) if isinstance(state_dict, (str, Path)) else "state dict"
+        if allowed_missing is None:
+            allowed_missing = cls.expected_missing_keys
         state_dict = read_state_dict(state_dict)
         if state_dict:
-            load_weights(model, state_dict, cls.expected_missing_keys,
-                         f"{cls.__name__} from {source}")
+            load_weights(model, state_dict, allowed_missing, f"{cls.__name__} from {source}")
         return model
 
     def load_roberta(self, state_dict, skip_layers: bool = True, hf_lm_head: bool = True):

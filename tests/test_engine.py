@@ -24,8 +24,10 @@ if str(ROOT) not in sys.path:
 from config.config import ConfigError, SharedConfigs, add_bool, parse_with_config  # noqa: E402
 from data.resumable import build_resumable_loader  # noqa: E402
 from utils import engine as engine_mod  # noqa: E402
+from utils.dist_setup import unwrap_model  # noqa: E402
 from utils.distributed import shard  # noqa: E402
 from utils.engine import NonFiniteLossError, Trainer, TrainTask, add_run_args  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 
 N_ITEMS, DIM = 8, 3
 
@@ -97,11 +99,33 @@ class ToyTask(TrainTask):
         return {name: (self._loader(name), 1) for name in self.opts.toy_tasks}
 
     def compute_loss(self, model, task, batch):
+        update = self.step_seen + 1
         kill_at = int(os.environ.get("TOY_KILL_AT", "0"))
-        if kill_at and self.step_seen + 1 == kill_at:
+        if kill_at and update == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        self._maybe_signal(update)
         loss = model(batch, task) * self.opts.toy_loss_mul
+        if update == int(os.environ.get("TOY_NAN_GRAD_AT", "0")):
+            # finite loss (adds 0), NaN gradient: d sqrt(0 * b) / db = 0 * inf
+            loss = loss + 0 * torch.sqrt(0 * unwrap_model(model).bias).sum()
         return loss, {"double": 2 * loss.item()}
+
+    def _maybe_signal(self, update: int) -> None:
+        """``TOY_SIGNAL_AT=N``: send ``TOY_SIGNAL`` (TERM/INT) ``TOY_SIGNAL_COUNT`` times at the
+        first micro-batch of update N, from rank ``TOY_SIGNAL_RANK``, to the process (or, with
+        ``TOY_SIGNAL_GROUP=1``, its whole process group, DataLoader workers included)."""
+        env = os.environ
+        if update != int(env.get("TOY_SIGNAL_AT", "0")) or getattr(self, "signalled", False):
+            return
+        if int(env.get("RANK", "0")) != int(env.get("TOY_SIGNAL_RANK", "0")):
+            return
+        self.signalled = True
+        sig = getattr(signal, "SIG" + env.get("TOY_SIGNAL", "TERM"))
+        for _ in range(int(env.get("TOY_SIGNAL_COUNT", "1"))):
+            if env.get("TOY_SIGNAL_GROUP") == "1":
+                os.killpg(os.getpgid(0), sig)
+            else:
+                os.kill(os.getpid(), sig)
 
     def schedule(self, model, global_step):
         self.step_seen = global_step
@@ -243,4 +267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -164,7 +164,7 @@ def test_qa_db_requires_query2video(tmp_path):
 
 def test_vr_query_data_keyed_by_sen_id_then_retrieval_key(tmp_path):
     lines = [{"sen_id": 11, "retrieval_key": "r1"}, {"retrieval_key": "r2"}]
-    db_dir = make_txt_db(tmp_path / "m.db", {"11": {}}, query_data=lines)
+    db_dir = make_txt_db(tmp_path / "m.db", {"11": {}}, id2len={"11": 1}, query_data=lines)
     assert MsrvttQueryTokLmdb is VrQueryTokLmdb
     assert sorted(VrQueryTokLmdb(db_dir).query_data) == ["11", "r2"]
     with pytest.raises(KeyError, match="query_data.jsonl line 1 .*desc_id"):

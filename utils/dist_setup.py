@@ -99,8 +99,14 @@ def maybe_no_sync(model, sync: bool):
 
 def any_rank(flag: bool, device) -> bool:
     """True on every rank if ``flag`` is True on at least one."""
+    return max_over_ranks([float(bool(flag))], device)[0] > 0
+
+
+def max_over_ranks(values, device) -> list:
+    """Each value's maximum over every rank, in one all-reduce (every rank gets the same)."""
+    values = [float(v) for v in values]
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return t.tolist()

@@ -42,10 +42,10 @@ Deliberate deviation (P14): training-loss scalars are logged at the same TensorB
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
+import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -54,20 +54,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config.config import ConfigError, add_bool
+from config.config import (
+    ConfigError,
+    add_bool,
+    check_required_keys,
+    config_warnings,
+    describe_origin,
+)
 from data.loader import MetaLoader
 from data.resumable import load_loaders_state, loaders_state_dict
 from model.layers import set_dropout
 from optim.misc import build_optimizer
 from optim.sched import get_lr_sched, set_lr
 from utils.dist_setup import (
-    any_rank,
     init_distributed,
+    max_over_ranks,
     maybe_no_sync,
     wrap_model,
 )
 from utils.distributed import all_gather_object, broadcast_object
+from utils.errors import HeroError
 from utils.logger import METRICS_LOG, TB_LOGGER, RunningMeter, setup_logging
+from utils.preemption import StopRequest, resume_command
+from utils.run_dir import plan_output_dir
 from utils.save import (
     ModelSaver,
     latest_training_state,
@@ -79,20 +88,31 @@ from utils.save import (
 )
 
 LOGGER = logging.getLogger(__name__)
-RUN_CONTROL_KEYS = ("resume", "overwrite", "output_dir", "log_steps")
 KEEP_TRAIN_STATES = 2
 PERF_EVERY = 100
 ID_KEYS = ("vids", "qids", "vid_names", "q_ids", "clip_ids")
 
 
-class NonFiniteLossError(RuntimeError):
-    """A training loss was NaN or infinite; training stopped before the optimizer step."""
+class NonFiniteLossError(HeroError, RuntimeError):
+    """A training loss, gradient norm or parameter was NaN or infinite; training stopped before
+    anything non-finite was applied or saved (issue 13 item 3)."""
+
+
+class RunStopped(HeroError):
+    """SIGTERM/SIGINT: the run saved a training state and stops; exit code ``128 + signal``."""
+
+    logged = True
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def add_run_args(parser) -> None:
     """Flags the engine adds to every script's parser (call before parsing)."""
     add_bool(parser, "resume", help="continue from the newest ckpt/train_state_*.pt")
-    add_bool(parser, "overwrite", help="allow an output_dir that already holds a run")
+    add_bool(parser, "overwrite", help="move the run already in output_dir aside to "
+             "output_dir/previous-<time>/ and start over")
     parser.add_argument("--log_steps", type=int, default=100,
                         help="write the running losses to log/log.txt every N updates")
 
@@ -113,6 +133,9 @@ class TrainTask:
     final_ckpt_suffix: str | None = None
     find_unused_parameters = True
     path_flags: tuple[str, ...] = ()  # option names of the paths required_paths checks
+    # options the run cannot start without (missing/null is a ConfigError naming the key and
+    # the config file, issue 13); ``output_dir`` is always required
+    required_keys: tuple[str, ...] = ()
 
     def __init__(self, opts):
         self.opts = opts
@@ -164,21 +187,17 @@ def describe_batch(batch) -> str:
     return f"batch keys [{', '.join(map(str, batch))}]" + (f", ids {ids}" if ids else "")
 
 
-def options_json(opts) -> dict:
-    """The options as ``hps.json`` stores them (JSON round trip)."""
-    return json.loads(json.dumps(vars(opts), default=str))
-
-
-def hps_differences(saved: dict, current: dict) -> list:
-    keys = (set(saved) | set(current)) - set(RUN_CONTROL_KEYS)
-    return sorted(k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>"))
-
-
-def check_required_paths(paths: dict) -> None:
-    missing = [f"--{flag} {path}" for flag, path in paths.items()
-               if path is not None and not Path(path).exists()]
+def check_required_paths(paths: dict, opts=None) -> None:
+    """Refuse paths that do not exist, each named with the flag or config key that set it."""
+    missing = []
+    for key, path in paths.items():
+        if path is not None and not Path(path).exists():
+            origin = describe_origin(opts, key)
+            missing.append(f"{'--' if key.isidentifier() else ''}{key} {path}"
+                           + (f" ({origin})" if origin else ""))
     if missing:
-        raise ConfigError("path(s) not found: " + "; ".join(missing))
+        raise ConfigError(f"path(s) not found: {'; '.join(missing)}; correct them where they "
+                          f"are set (relative paths are resolved from {Path.cwd()})")
 
 
 @contextlib.contextmanager
@@ -189,38 +208,6 @@ def forked_rng():
         yield
     finally:
         set_rng_state(saved)
-
-
-def plan_output_dir(opts) -> Path | None:
-    """Apply the output-dir policy; return the training state to resume from, if any.
-
-    A directory holding another run (``log/hps.json`` or checkpoints) is refused unless
-    ``--resume`` (continue it; options must match ``hps.json``) or ``--overwrite`` (start over;
-    its stale training states are deleted so a later ``--resume`` cannot pick them up).
-    """
-    out = Path(opts.output_dir)
-    hps, ckpt = out / "log" / "hps.json", out / "ckpt"
-    has_run = hps.is_file() or any(ckpt.glob("*.pt"))
-    if opts.resume:
-        if hps.is_file():
-            diff = hps_differences(json.loads(hps.read_text()), options_json(opts))
-            if diff:
-                raise ConfigError(f"--resume: options differ from {hps} in keys: "
-                                  f"{', '.join(diff)}")
-        path = latest_training_state(ckpt) if ckpt.is_dir() else None
-        if path is None:
-            LOGGER.warning("--resume: no training state in %s; starting from step 0", ckpt)
-        return path
-    if has_run and not opts.overwrite:
-        raise ConfigError(f"output_dir {out} already holds a run ({hps if hps.is_file() else ckpt}"
-                          "); pass --resume to continue it or --overwrite to start over in it")
-    if has_run:
-        stale = list(ckpt.glob("train_state_*.pt"))
-        for path in stale:
-            path.unlink()
-        LOGGER.info("--overwrite: reusing %s; deleted %d stale training state(s)", out,
-                    len(stale))
-    return None
 
 
 class Trainer:
@@ -235,19 +222,61 @@ class Trainer:
         self.scalers: dict = {}
         self.bad_loss = None
         self.update_losses: list[float] = []
+        self.update_terms: dict[str, list] = defaultdict(list)
         self.pbar = None
         self._log_file = None
+        self._stop_signum = 0
+        self.stop = StopRequest()
 
     # ------------------------------------------------------------------ entry point
     def run(self):
-        """Set up, train until ``num_train_steps``, final validation/save; returns the model."""
+        """Set up, train until ``num_train_steps``, final validation/save; returns the model.
+
+        A stop signal ends the loop after an update agreed by every rank: a training state is
+        saved and :class:`RunStopped` raised. Any error is written with its traceback to
+        ``log/log.txt`` (once this run owns it) before it propagates.
+        """
+        self.stop = StopRequest()
         try:
+            self.stop.install()
             self.setup()
             self.train()
+            if self._stop_signum:
+                self._stop_for_signal()
             self.finish()
+        except BaseException as exc:
+            self._log_fatal(exc)
+            raise
         finally:
+            self.stop.restore()
             self.close()
         return self.model
+
+    def _stop_for_signal(self):
+        """Save, wait until rank 0 has written the state (a launcher may signal the other
+        ranks as soon as one exits), then raise :class:`RunStopped`."""
+        self._save_state()
+        all_gather_object(True)
+        name = signal.Signals(self._stop_signum).name
+        message = (f"stopped by {name} at update {self.global_step} of "
+                   f"{self.opts.num_train_steps}; training state saved in "
+                   f"{Path(self.opts.output_dir) / 'ckpt'}; resume with: "
+                   f"{resume_command(self.ctx.world_size)}")
+        LOGGER.warning(message)
+        raise RunStopped(message, self._stop_signum)
+
+    def _log_fatal(self, exc: BaseException) -> None:
+        """The error and its traceback into this run's ``log.txt`` only (the console shows the
+        message, or Python's traceback for a bug); nothing before the run owns the folder."""
+        if isinstance(exc, RunStopped) or self._log_file is None:
+            return
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "baseFilename", None) == self._log_file:
+                record = LOGGER.makeRecord(
+                    LOGGER.name, logging.ERROR, __file__, 0,
+                    "run failed at update %d: %s: %s", (self.global_step, type(exc).__name__,
+                                                        exc), (type(exc), exc, exc.__traceback__))
+                handler.handle(record)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -260,6 +289,8 @@ class Trainer:
         set_random_seed(opts.seed)
         resume_path = self._plan_output_dir()
         self._open_logs()
+        if self._run_dir is not None:
+            self._run_dir.log_notes()  # what claiming the folder did, now also in log.txt
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, opts)
         self.name2loader = self._build_loaders()
@@ -275,20 +306,21 @@ class Trainer:
 
     def _check_options(self) -> None:
         opts = self.opts
-        if not getattr(opts, "output_dir", None):
-            raise ConfigError("--output_dir is required")
+        check_required_keys(opts, ("output_dir", *self.task.required_keys))
         if getattr(opts, "fp16", False) and getattr(opts, "bf16", False):
             raise ConfigError("--fp16 and --bf16 are exclusive; pick one")
         for key in ("resume", "overwrite"):
             setattr(opts, key, bool(getattr(opts, key, False)))
-        check_required_paths(self.task.required_paths())
+        check_required_paths(self.task.required_paths(), opts)
 
     def _plan_output_dir(self) -> Path | None:
-        """Rank 0 applies the policy; every rank gets its verdict (error or state path)."""
-        verdict = None
+        """Rank 0 locks ``output_dir`` and applies the policy (:mod:`utils.run_dir`); every
+        rank gets its verdict (error or state path). The lock is held until :meth:`close`."""
+        verdict, self._run_dir = None, None
         if self.ctx.rank == 0:
             try:
-                verdict = ("ok", plan_output_dir(self.opts))
+                self._run_dir = plan_output_dir(self.opts)
+                verdict = ("ok", self._run_dir.resume_path)
             except ConfigError as exc:
                 verdict = ("error", str(exc))
         kind, value = broadcast_object(verdict)
@@ -302,6 +334,9 @@ class Trainer:
             log_dir.mkdir(parents=True, exist_ok=True)
             self._log_file = str((log_dir / "log.txt").resolve())
         setup_logging(log_dir, self.ctx.rank)
+        if self.ctx.rank == 0:  # parsed before log.txt existed (issue 13)
+            for message in config_warnings(self.opts):
+                LOGGER.warning(message)
         TB_LOGGER.open(log_dir)
         METRICS_LOG.open(log_dir)
 
@@ -349,6 +384,7 @@ class Trainer:
 
     def _save_state(self) -> None:
         ckpt = Path(self.opts.output_dir) / "ckpt"
+        self._check_finite(f"{ckpt / f'train_state_{self.global_step}.pt'}", True)
         path = save_training_state(ckpt, self.global_step, self._state())
         if self.ctx.rank == 0:
             states = sorted(ckpt.glob("train_state_*.pt"),
@@ -403,7 +439,7 @@ class Trainer:
             self._micro_step(name, batch, last)
             if last:
                 self._update(name)
-                if self.global_step >= opts.num_train_steps:
+                if self._stop_signum or self.global_step >= opts.num_train_steps:
                     break
 
     def _micro_step(self, name: str, batch, last: bool) -> None:
@@ -426,8 +462,10 @@ class Trainer:
             return
         self._meter(f"loss/{name}", value)
         self.update_losses.append(value)
+        self.update_terms[f"loss/{name}"].append(value)
         for key, comp in components.items():
             self._meter(f"loss/{name}_{key}", float(comp))
+            self.update_terms[f"loss/{name}_{key}"].append(float(comp))
 
     def _meter(self, key: str, value: float) -> None:
         if key not in self.meters:
@@ -435,7 +473,11 @@ class Trainer:
         self.meters[key](value)
 
     def _update(self, name: str) -> None:
-        if any_rank(self.bad_loss is not None, self.device):
+        bad_loss, signum = max_over_ranks([self.bad_loss is not None,
+                                           self.stop.signum or 0], self.device)
+        if signum:  # agreed by every rank, including those that got no signal themselves
+            self._stop_signum = int(signum)
+        if bad_loss:
             self._raise_non_finite()
         opts = self.opts
         self.global_step += 1
@@ -444,14 +486,26 @@ class Trainer:
         scaler = self.scalers.get(name)
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if opts.grad_norm != -1:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_norm).item()
+        grad_norm = self._clip_gradients(scaler is None)
+        if scaler is None and grad_norm is not None and not math.isfinite(grad_norm):
+            self._raise_non_finite_update(name, f"gradient norm {grad_norm}")
         self._optimizer_step(name, scaler)
         self.optimizer.zero_grad(set_to_none=False)
         self._log_update(name, lr, grad_norm)
+        self.update_terms = defaultdict(list)
         self._after_update()
+
+    def _clip_gradients(self, must_check: bool):
+        """Clip to ``grad_norm`` and return the pre-clip norm (``None`` when clipping is off,
+        unless ``must_check``: fp32/bf16 measure it anyway, a non-finite update must never be
+        applied). The gradients are the same on every rank, so every rank decides alike."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.opts.grad_norm != -1:
+            return torch.nn.utils.clip_grad_norm_(params, self.opts.grad_norm).item()
+        if not must_check:
+            return None
+        grads = [p.grad for p in params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
 
     def _optimizer_step(self, name: str, scaler) -> None:
         if scaler is None:
@@ -470,8 +524,42 @@ class Trainer:
         reports = [r for r in all_gather_object(self.bad_loss) if r]
         raise NonFiniteLossError(
             "non-finite training loss; stopped before the optimizer step, nothing saved for "
-            f"this update (last checkpoints are in {Path(self.opts.output_dir) / 'ckpt'}): "
-            + "; ".join(reports))
+            f"this update ({self._newest_good()}): " + "; ".join(reports))
+
+    def _raise_non_finite_update(self, name: str, what: str):
+        terms = ", ".join(f"{k} {sum(v) / len(v):.6g}" for k, v in
+                          sorted(self.update_terms.items()) if v)
+        raise NonFiniteLossError(
+            f"non-finite {what} at update {self.global_step} (task {name}); the update was "
+            f"not applied and nothing was saved. Loss terms of this update: {terms or 'none'}. "
+            f"{self._newest_good()}. Lower --learning_rate or raise the warmup, then start "
+            "over (--overwrite) or continue from that state (--resume)")
+
+    def _newest_good(self) -> str:
+        """The newest training state and model checkpoint on disk (only finite ones are ever
+        written, so these are good)."""
+        ckpt = Path(self.opts.output_dir) / "ckpt"
+        state = latest_training_state(ckpt) if ckpt.is_dir() else None
+        models = sorted(ckpt.glob("model_step_*.pt"), key=lambda p: p.stat().st_mtime)
+        return (f"newest good training state: {state or 'none'}; newest model checkpoint: "
+                f"{models[-1] if models else 'none'}")
+
+    def _check_finite(self, what: str, with_optimizer: bool) -> None:
+        """Refuse to write ``what`` if a parameter (or optimizer moment) is non-finite."""
+        named = dict(self.model.named_parameters())
+        if with_optimizer:
+            for i, state in enumerate(self.optimizer.state.values()):
+                named.update({f"optimizer state {i} {k}": v for k, v in state.items()
+                              if torch.is_tensor(v) and v.is_floating_point()})
+        keys = list(named)
+        flags = torch.stack([torch.isfinite(t).all() for t in named.values()]).tolist() \
+            if named else []
+        bad = [k for k, ok in zip(keys, flags) if not ok]
+        if bad:
+            raise NonFiniteLossError(
+                f"not writing {what} at update {self.global_step}: {len(bad)} tensor(s) hold "
+                f"NaN/inf, e.g. {', '.join(bad[:5])}. {self._newest_good()}. Lower "
+                "--learning_rate, then start over (--overwrite) or --resume from that state")
 
     # ------------------------------------------------------------------ logging
     def _log_update(self, name: str, lr: float, grad_norm) -> None:
@@ -526,7 +614,11 @@ class Trainer:
     def _maybe_validate(self) -> None:
         if self.global_step % self.opts.valid_steps == 0:
             self._validate(final=False)
-            self.saver.save(self.model, self.global_step)
+            self._save_model()
+
+    def _save_model(self, suffix: str = "") -> None:
+        self._check_finite(f"model_step_{self.global_step}{suffix}.pt", False)
+        self.saver.save(self.model, self.global_step, suffix)
 
     def _maybe_save_state(self) -> None:
         save_steps = getattr(self.opts, "save_steps", None)
@@ -554,16 +646,20 @@ class Trainer:
         if step % self.opts.valid_steps != 0:
             self._validate(final=True)
             if suffix is None:
-                self.saver.save(self.model, step)
+                self._save_model()
         if suffix is not None:
-            self.saver.save(self.model, step, suffix)
+            self._save_model(suffix)
         skipped = sum(self.overflows.values())
         LOGGER.info("training finished at update %d; fp16 updates skipped: %d %s", step,
                     skipped, dict(self.overflows) if skipped else "")
 
     def close(self) -> None:
+        """Close logs and writers, then release ``output_dir`` (last: nothing writes after)."""
         if self.pbar is not None:
             self.pbar.close()
+        for loader in getattr(self, "_loaders", {}).values():
+            if hasattr(loader, "close"):
+                loader.close()
         TB_LOGGER.close()
         METRICS_LOG.close()
         root = logging.getLogger()
@@ -571,3 +667,6 @@ class Trainer:
                         if getattr(h, "baseFilename", None) == self._log_file]:
             root.removeHandler(handler)
             handler.close()
+        if getattr(self, "_run_dir", None) is not None:
+            self._run_dir.release()
+            self._run_dir = None

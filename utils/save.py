@@ -8,8 +8,9 @@
   ``restore.pt`` kept fp16 copies and no RNG or data position, so its resume was lossy).
 
 Every file is written atomically (temporary file in the same folder, fsync, rename), so a
-killed process leaves either the old file or the new one. A file that cannot be read is
-refused with its path named.
+killed process leaves either the old file or the new one. A failed write (disk full, I/O error,
+permission) removes its partial file and raises "cannot write PATH: REASON", earlier files
+untouched (issue 13 item 6). A file that cannot be read is refused with its path named.
 """
 from __future__ import annotations
 
@@ -25,38 +26,76 @@ import numpy as np
 import torch
 
 from utils.distributed import all_gather_object, get_rank
+from utils.errors import HeroError
 
 MODEL_CKPT_RE = re.compile(r"model_step_(\d+)\.pt$")
 STATE_RE = re.compile(r"train_state_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or training-state file is missing, truncated or not what was expected."""
+class CheckpointError(HeroError, RuntimeError):
+    """A checkpoint or training-state file is missing, truncated, not what was expected, or
+    cannot be written (disk full, I/O error, permission)."""
+
+
+class _ErrorKeepingWriter:
+    """A file wrapper that remembers the first ``OSError`` of a write.
+
+    Why: ``torch.save`` turns a failed ``write`` (ENOSPC, EIO, EFBIG ...) into its own
+    ``RuntimeError("... inline_container.cc ... unexpected pos")``, losing the errno; the real
+    cause is kept here so the message can say "No space left on device".
+    """
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self):
+        self.fh.flush()
+
+
+def _atomic_write(path, write, mode: str) -> None:
+    """``write(file)`` into a temporary file in the target folder, fsync, rename over ``path``.
+
+    A failure leaves ``path`` (and every other file) as it was, removes the partial temporary
+    file and raises :class:`CheckpointError` naming ``path`` and the OS's reason.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, mode) as fh:
+            writer = _ErrorKeepingWriter(fh)
+            try:
+                write(writer)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except (OSError, RuntimeError):
+                if writer.error is None:
+                    raise
+                raise writer.error from None
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except RuntimeError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc}") from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def atomic_torch_save(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda fh: fh.write(text), "w")
 
 
 def load_checkpoint_file(path, map_location="cpu"):

@@ -1,0 +1,65 @@
+"""Graceful stop on SIGTERM / SIGINT (issue 13 item 7).
+
+SLURM and Kubernetes send SIGTERM some seconds before they kill a job; a person presses Ctrl-C.
+The first such signal only raises a flag: the engine finishes the update in progress, agrees on
+the flag with every rank (so all ranks stop after the same update and the saved state is
+consistent), saves a full training state and exits with ``128 + signal``. A second signal
+restores the default action and re-delivers itself, so the process exits at once.
+
+The flag is checked between updates only: a long validation runs to its end first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+
+LOGGER = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Installs the handlers for the lifetime of a run; :attr:`signum` is the first signal."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        """Handlers can only be set from the main thread; elsewhere (e.g. a test runner's
+        worker thread) the run simply keeps the default behaviour."""
+        try:
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:
+            LOGGER.warning("not in the main thread: SIGTERM/SIGINT stop the run at once")
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        LOGGER.warning("%s received: finishing the current update, then saving a training "
+                       "state (send it again to exit at once without saving)",
+                       signal.Signals(signum).name)
+
+
+def resume_command(world_size: int) -> str:
+    """The command line of this run with ``--resume`` (torchrun prefix when distributed)."""
+    argv = list(sys.argv)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    prefix = f"torchrun --nproc_per_node {world_size} " if world_size > 1 else "python "
+    return prefix + shlex.join(argv)
