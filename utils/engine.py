@@ -36,8 +36,18 @@ validation happens. On resume ``log/hps.json`` must equal the current options (t
 differ are listed; ``resume``, ``overwrite``, ``output_dir`` (a run folder may be moved) and
 ``log_steps`` are ignored).
 
+Faults (issue 13). The run folder is locked and claimed by :mod:`utils.run_dir`. Before every
+optimizer step the loss (every rank) and, in fp32/bf16, the gradient norm are checked: a
+non-finite update is never applied and the run stops naming the update, its loss terms and the
+newest good state (fp16: the scaler skips it, as apex did). No checkpoint or training state
+holding NaN/inf is written (:mod:`utils.numerics`), so rotation never drops the last good state.
+SIGTERM / the first SIGINT (:mod:`utils.preemption`) are agreed across ranks in the same
+all-reduce as the loss check; the run saves after that update and raises :class:`RunStopped`
+(exit ``128 + signal``). A fatal error goes with its traceback into ``log/log.txt``.
+
 Deliberate deviation (P14): training-loss scalars are logged at the same TensorBoard step as
-``lr`` and ``grad_norm`` (upstream wrote them one step behind).
+``lr`` and ``grad_norm`` (upstream wrote them one step behind). Deviation (issue 13): upstream
+applied a non-finite fp32 update and saved whatever the weights held.
 """
 from __future__ import annotations
 
@@ -75,11 +85,11 @@ from utils.dist_setup import (
 from utils.distributed import all_gather_object, broadcast_object
 from utils.errors import HeroError
 from utils.logger import METRICS_LOG, TB_LOGGER, RunningMeter, setup_logging
+from utils.numerics import newest_good_files, non_finite_tensors
 from utils.preemption import StopRequest, resume_command
 from utils.run_dir import plan_output_dir
 from utils.save import (
     ModelSaver,
-    latest_training_state,
     load_training_state,
     rng_state,
     save_training_meta,
@@ -257,6 +267,8 @@ class Trainer:
         ranks as soon as one exits), then raise :class:`RunStopped`."""
         self._save_state()
         all_gather_object(True)
+        if self.pbar is not None:
+            self.pbar.close()  # so the message below is the console's last line
         name = signal.Signals(self._stop_signum).name
         message = (f"stopped by {name} at update {self.global_step} of "
                    f"{self.opts.num_train_steps}; training state saved in "
@@ -536,25 +548,11 @@ class Trainer:
             "over (--overwrite) or continue from that state (--resume)")
 
     def _newest_good(self) -> str:
-        """The newest training state and model checkpoint on disk (only finite ones are ever
-        written, so these are good)."""
-        ckpt = Path(self.opts.output_dir) / "ckpt"
-        state = latest_training_state(ckpt) if ckpt.is_dir() else None
-        models = sorted(ckpt.glob("model_step_*.pt"), key=lambda p: p.stat().st_mtime)
-        return (f"newest good training state: {state or 'none'}; newest model checkpoint: "
-                f"{models[-1] if models else 'none'}")
+        return newest_good_files(Path(self.opts.output_dir) / "ckpt")
 
     def _check_finite(self, what: str, with_optimizer: bool) -> None:
         """Refuse to write ``what`` if a parameter (or optimizer moment) is non-finite."""
-        named = dict(self.model.named_parameters())
-        if with_optimizer:
-            for i, state in enumerate(self.optimizer.state.values()):
-                named.update({f"optimizer state {i} {k}": v for k, v in state.items()
-                              if torch.is_tensor(v) and v.is_floating_point()})
-        keys = list(named)
-        flags = torch.stack([torch.isfinite(t).all() for t in named.values()]).tolist() \
-            if named else []
-        bad = [k for k, ok in zip(keys, flags) if not ok]
+        bad = non_finite_tensors(self.model, self.optimizer if with_optimizer else None)
         if bad:
             raise NonFiniteLossError(
                 f"not writing {what} at update {self.global_step}: {len(bad)} tensor(s) hold "
