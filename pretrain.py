@@ -33,6 +33,7 @@ from data.mfm import MfmDataset, mfm_collate
 from data.mlm import VideoMlmDataset, mlm_collate
 from data.resumable import build_resumable_loader
 from data.vsm import VsmDataset, vsm_collate
+from model.encoder import mfm_nce_logits
 from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict, read_state_dict
 from model.pretrain import HeroForPretraining
 from utils.dist_setup import unwrap_model
@@ -229,7 +230,10 @@ def val_mffr(model, batch) -> dict:
 
 
 def val_mfm_nce(model, batch) -> dict:
-    logits, preds, _ = model(batch, task="mfm-nce", compute_loss=False)
+    """NCE loss/accuracy from upstream's ``(prediction_feat, neg_pred_feat)`` pair, with the
+    logits of the training loss (model.md §7.2, training.md §4.1)."""
+    preds, negatives = model(batch, task="mfm-nce", compute_loss=False)
+    logits = mfm_nce_logits(preds, batch["feat_targets"], negatives)
     labels = torch.arange(logits.size(0), device=logits.device)
     stats = _frame_stats(preds, batch["feat_targets"])
     stats["loss"] = F.cross_entropy(logits.float() / model.v_encoder.nce_temp, labels,

@@ -49,7 +49,7 @@ from data.vcmr import (
     vcmr_full_eval_collate,
 )
 from eval.common import write_json_atomic
-from eval.retrieval import validate_full_vcmr
+from eval.retrieval import numeric_metrics, validate_full_vcmr
 from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict, read_state_dict
 from model.vcmr import HeroForVcmr
 from utils.dist_setup import unwrap_model
@@ -202,7 +202,10 @@ class VcmrTask(TrainTask):
             path = os.path.join(self.opts.output_dir, "results",
                                 f"{split}_results_{global_step}_rank{get_rank()}{suffix}.json")
             write_json_atomic(path, submission)
-            metrics.update(val_log)
+            numbers, texts = numeric_metrics(val_log)
+            for key, text in texts.items():  # desc_type_ratio: log text, not a TB scalar
+                LOGGER.info("  %s: %s", key, text)
+            metrics.update(numbers)
         return metrics
 
     def full_eval(self, model, loader, split):

@@ -2,7 +2,9 @@
 (§5.6), used by ``eval_vcmr.py`` / ``eval_vr.py`` and by validation during training.
 
 Both return ``(val_log, eval_submission)``: ``val_log`` maps TensorBoard keys
-(``valid_{split}_{TASK}/{TASK}_{key}``, ``valid/vcmr_{split}_ex_per_s``...) to numbers, and
+(``valid_{split}_{TASK}/{TASK}_{key}``, ``valid/vcmr_{split}_ex_per_s``...) to numbers, except
+``valid_{split}_{TASK}_by_type/{TASK}_by_type_desc_type_ratio``, a string (training.md §5.3;
+split off with :func:`numeric_metrics` before TensorBoard), and
 ``eval_submission`` is this rank's results dict (``video2idx`` + task lists, §5.5).
 
 Decisions:
@@ -250,13 +252,18 @@ def merge_submissions(submissions):
 
 
 def rank_weighted_average(per_rank, counts):
-    """Upstream's §5.4 aggregation: Σ n_r·m_r / Σ n_r for every numeric metric."""
+    """Upstream's §5.4 aggregation: Σ n_r·m_r / Σ n_r for every numeric metric. The string
+    ``desc_type_ratio`` is not averaged; a by-type key a rank lacks (no query of that type
+    there) counts 0 for it, as an empty type scores 0."""
     total = sum(counts)
     out = {}
     for name, values in per_rank[0].items():
-        if isinstance(values, dict):
-            out[name] = {k: sum(n * m[name][k] for m, n in zip(per_rank, counts)) / total
-                         for k in values}
+        if not isinstance(values, dict):
+            continue
+        keys = dict.fromkeys(k for m in per_rank for k, v in m[name].items()
+                             if not isinstance(v, str))
+        out[name] = {k: sum(n * m[name].get(k, 0.0) for m, n in zip(per_rank, counts)) / total
+                     for k in keys}
     return out
 
 
@@ -275,10 +282,19 @@ def score_submission(submission, gts, setting):
 
 
 def flatten_metrics(metrics, split, suffix=""):
-    """TensorBoard keys ``valid_{split}_{NAME}{suffix}/{NAME}_{key}``."""
+    """TensorBoard keys ``valid_{split}_{NAME}{suffix}/{NAME}_{key}``. ``desc_type_ratio``
+    stays where §5.3 puts it (``..._by_type/{TASK}_by_type_desc_type_ratio``) as a string;
+    :func:`numeric_metrics` keeps what TensorBoard can take."""
     return {f"valid_{split}_{name}{suffix}/{name}_{key}": value
             for name, values in (metrics or {}).items() if isinstance(values, dict)
             for key, value in values.items()}
+
+
+def numeric_metrics(val_log):
+    """``(numbers, strings)`` of a ``val_log``: TensorBoard scalars and the text-only entries
+    (``desc_type_ratio``), so callers log the latter as text."""
+    numbers = {k: v for k, v in val_log.items() if not isinstance(v, str)}
+    return numbers, {k: v for k, v in val_log.items() if isinstance(v, str)}
 
 
 def _log_metrics(split, setting, submission, gts, suffix=""):
@@ -287,6 +303,8 @@ def _log_metrics(split, setting, submission, gts, suffix=""):
     log.update(flatten_metrics(rank_avg, split, suffix + "_rank_avg"))
     shown = "VCMR" if "VCMR" in exact else next(t for t in TASKS if t in exact)
     LOGGER.info("%s %s%s: %s", split, shown, suffix, exact[shown])
+    if f"{shown}_by_type" in exact:
+        LOGGER.info("%s %s_by_type%s: %s", split, shown, suffix, exact[f"{shown}_by_type"])
     return log
 
 

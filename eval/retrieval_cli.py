@@ -5,7 +5,9 @@ Model hyper-parameters and data settings (``vfeat_interval``, ``max_clip_len``, 
 from ``{output_dir}/log/hps.json``; ``task``, ``full_eval_tasks`` and the batch sizes from the
 command line (or ``--config``). Rank 0 writes the merged results to
 ``{output_dir}/results_{split}/results_{checkpoint}_all.json`` and the metrics (the
-TensorBoard-style ``val_log``) next to it as ``metrics_{checkpoint}_all.json``.
+TensorBoard-style ``val_log``) next to it as ``metrics_{checkpoint}_all.json``; with
+``eval_with_query_type`` each ``..._by_type`` group there ends with its ``desc_type_ratio``
+string, placed as training.md §5.3 places it in ``eval_retrieval``'s result.
 """
 from __future__ import annotations
 

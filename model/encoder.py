@@ -159,14 +159,20 @@ class TemporalTrm(nn.Module):
         return (seq, self.pooler(seq)) if pool else seq
 
 
+def mfm_nce_logits(predictions, targets, negatives):
+    """fp32 [P·targetsᵀ ‖ P·Nᵀ] (model.md §7.2 step 5); shared by the loss and by pre-training
+    validation, which gets only upstream's pair (P, N) from the model."""
+    return torch.cat([predictions @ targets.to(predictions.dtype).t(),
+                      predictions @ negatives.to(predictions.dtype).t()], dim=1).float()
+
+
 def mfm_nce_loss(predictions, targets, negatives, nce_temp: float = NCE_TEMP):
     """MFM-NCE (model.md §7.2 step 5): returns (per-frame CE, fp32 logits).
 
     Row i's positive is column i of P·targetsᵀ; the other targets and every predicted
     negative are its negatives.
     """
-    logits = torch.cat([predictions @ targets.to(predictions.dtype).t(),
-                        predictions @ negatives.to(predictions.dtype).t()], dim=1).float()
+    logits = mfm_nce_logits(predictions, targets, negatives)
     labels = torch.arange(logits.size(0), device=logits.device)
     return F.cross_entropy(logits / nce_temp, labels, reduction="none"), logits
 
@@ -183,7 +189,8 @@ class HierarchicalVlModel(nn.Module):
     Task dispatch (§7.4): ``repr`` -> T-TRM output (B, L, D); ``mlm*`` -> F-TRM MLM;
     ``mffr`` / ``mfm-nce`` -> MFM; ``fom`` -> frame order modelling.  With
     ``compute_loss=False``: mlm -> logits (M, V); mffr -> predictions (n_m, Dv);
-    mfm-nce -> (fp32 logits, predictions, negatives); fom -> logits (B·L, 100).
+    mfm-nce -> upstream's pair (predictions of the masked frames (n_m, Dv), predictions of
+    every unmasked position, padding included (B·L − n_m, Dv)); fom -> logits (B·L, 100).
     """
 
     def __init__(self, config, vfeat_dim: int, max_frm_seq_len: int,
@@ -269,8 +276,9 @@ class HierarchicalVlModel(nn.Module):
                 return preds
             return F.mse_loss(preds.float(), targets.float(), reduction="none")
         negatives = self.feat_regress(out[~c_masks])
-        loss, logits = mfm_nce_loss(preds, targets, negatives, self.nce_temp)
-        return loss if compute_loss else (logits, preds, negatives)
+        if not compute_loss:
+            return preds, negatives
+        return mfm_nce_loss(preds, targets, negatives, self.nce_temp)[0]
 
     def forward_fom(self, batch, compute_loss=True):
         """FOM (§7.3): shuffle fused frames, T-TRM, 100-way classification, mean CE."""

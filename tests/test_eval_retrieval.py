@@ -74,6 +74,12 @@ def test_eval_vcmr_val_writes_upstream_format(toy_dbs, tvr_run):
         assert {p[0] for p in e["predictions"]} == {vid2idx[gt[e["desc_id"]]["vid_name"]]}
     assert "valid_val_VCMR/VCMR_0.7-r1" in metrics and "valid/vcmr_val_ex_per_s" in metrics
     assert "valid_val_VCMR_by_type/VCMR_by_type_t-0.5-r5" in metrics
+    n = len(gt)  # §5.3: the share string sits inside every *_by_type dict, not at the top
+    shares = [sum(g["type"] == t for g in gt.values()) / n for t in ("v", "t", "vt")]
+    ratio = "v {} t {} vt {}".format(*(round(100 * x, 2) for x in shares))
+    texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+    assert texts == {f"valid_val_{t}_by_type{nms}/{t}_by_type_desc_type_ratio": ratio
+                     for t in ("VCMR", "SVMR", "VR") for nms in ("", "_nms_0.5")}
     # the saved lists are the post-NMS ones (P6): re-scoring them gives the _nms_0.5 numbers
     rescored = eval_retrieval(results, list(gt.values()), verbose=False)
     for task in ("VCMR", "SVMR"):

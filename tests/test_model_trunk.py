@@ -277,13 +277,23 @@ def test_nce_loss_by_hand():
 
 @torch.no_grad()
 def test_mfm_nce_negatives_include_padding_and_use_mask_rows():
+    """Upstream's pair: (predictions at masked frames, predictions at every other position)."""
     model = small_model()
     batch = task_batch("mfm-nce", PADDED_VIDEOS)
-    logits, preds, negs = model(batch, "mfm-nce", compute_loss=False)
+    seen = []
+    hook = model.v_encoder.c_encoder.register_forward_hook(lambda m, i, o: seen.append(o))
+    out = model(batch, "mfm-nce", compute_loss=False)
+    hook.remove()
+    assert isinstance(out, tuple) and len(out) == 2
+    preds, negs = out
     n_masked = 3
-    assert preds.shape == (n_masked, DV) and logits.dtype == torch.float32
+    assert preds.shape == (n_masked, DV)
     assert negs.shape == (2 * 6 - n_masked, DV)  # padded positions of video 1 count
-    torch.testing.assert_close(logits[:, :n_masked], preds @ batch["feat_targets"].t())
+    masks, regress = batch["c_v_masks"], model.v_encoder.feat_regress
+    torch.testing.assert_close(preds, regress(seen[0][masks]))  # rows (0, 1), (0, 5), (1, 3)
+    torch.testing.assert_close(negs, regress(seen[0][~masks]))
+    assert negs[-2:].abs().sum() > 0  # video 1's padded frames 4, 5 are predicted too
+    logits = torch.cat([preds @ batch["feat_targets"].t(), preds @ negs.t()], dim=1)
     loss = model(batch, "mfm-nce")
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.arange(n_masked),
                                                      reduction="none"))

@@ -11,9 +11,13 @@ import random
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
+from helpers_model import PADDED_VIDEOS, add_mfm_keys, make_video_batch, small_config
 
 import pretrain
+from model.model import HeroModel
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -66,3 +70,26 @@ def test_every_task_loss_falls_and_resume_is_exact(tmp_path, toy_dbs):
                              str(half), "--log_steps", "10", "--resume"])
     for (key, a), b in zip(trained.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+@torch.no_grad()
+def test_mfm_nce_validation_from_upstreams_pair():
+    """The model returns only (P, N); validation's loss and accuracy equal the reference
+    computed from the fp32 logits [P·targetsᵀ ‖ P·Nᵀ] (the former in-model path)."""
+    torch.manual_seed(0)
+    model = HeroModel(small_config(), vfeat_dim=16).eval()
+    batch = add_mfm_keys(make_video_batch(PADDED_VIDEOS, vfeat_dim=16, vocab_size=64),
+                         {0: [1, 5], 1: [3]})
+    preds, negs = model(batch, "mfm-nce", compute_loss=False)
+    unit = preds / preds.norm(dim=1, keepdim=True)
+    batch["feat_targets"] = torch.stack([100 * unit[0], -preds[1], 100 * unit[2]])
+    logits = torch.cat([preds @ batch["feat_targets"].t(), preds @ negs.t()], dim=1).float()
+    labels = torch.arange(3)
+    ref_correct = (logits.argmax(-1) == labels).sum()
+    ref_loss = F.cross_entropy(logits / model.v_encoder.nce_temp, labels, reduction="sum")
+    assert ref_correct.item() == 2  # rows 0 and 2 rank their positive first, row 1 does not
+    stats = pretrain.val_mfm_nce(model, batch)
+    assert torch.equal(stats["correct"], ref_correct) and stats["n"] == 3
+    torch.testing.assert_close(stats["loss"], ref_loss)
+    torch.testing.assert_close(stats["loss"], model(batch, "mfm-nce").sum())
+    assert float(pretrain.fin_mfm_nce(stats, 1.0, model)["acc"]) == pytest.approx(2 / 3)

@@ -16,7 +16,7 @@ from eval.nms import (
     temporal_iou_f32,
     temporal_nms,
 )
-from utils.tvr_standalone_eval import eval_retrieval, main
+from utils.tvr_standalone_eval import eval_main, eval_retrieval, main
 
 VIDEO2IDX = {"a": 0, "b": 1, "c": 2}
 KEYS = [f"{t}-r{k}" for t in (0.5, 0.7) for k in (1, 5, 10, 100)]
@@ -51,7 +51,26 @@ def test_perfect_shifted_and_wrong_video():
     assert m["VCMR_by_type"]["v-0.7-r1"] == 100.0
     assert m["VCMR_by_type"]["t-0.5-r1"] == 100.0 and m["VCMR_by_type"]["t-0.7-r1"] == 0.0
     assert m["VCMR_by_type"]["vt-0.5-r100"] == 0.0
-    assert m["desc_type_ratio"] == "v 33.33 t 33.33 vt 33.33"
+    assert m["VCMR_by_type"]["desc_type_ratio"] == "v 33.33 t 33.33 vt 33.33"
+    assert list(m) == ["VCMR", "VCMR_by_type"]
+
+
+def test_desc_type_ratio_is_upstreams_string_in_every_by_type_dict():
+    """23/11/17 of 51 queries: str(round(100 * share, 2)) drops trailing zeros (45.1)."""
+    types = ["v"] * 23 + ["t"] * 17 + ["vt"] * 11
+    gt = [gt_line(q, "a", [3.0, 9.0], typ) for q, typ in enumerate(types)]
+    lists = {t: [entry(q, [[0, 3.0, 9.0, 1.0]]) for q in range(51)]
+             for t in ("VCMR", "SVMR", "VR")}
+    m = eval_retrieval(submission(**lists), gt)
+    assert list(m) == ["VCMR", "VCMR_by_type", "SVMR", "SVMR_by_type", "VR", "VR_by_type"]
+    for task in ("VCMR", "SVMR", "VR"):
+        by_type = m[f"{task}_by_type"]
+        assert by_type["desc_type_ratio"] == "v 45.1 t 33.33 vt 21.57"
+        assert list(by_type)[-1] == "desc_type_ratio" and "desc_type_ratio" not in m[task]
+    assert m["VR_by_type"]["v-r1"] == 100.0
+    half = [gt_line(q, "a", [3.0, 9.0], typ) for q, typ in enumerate(["v", "vt"] * 2)]
+    m = eval_retrieval(submission(VR=[entry(q, [[0, 0, 0, 1.0]]) for q in range(4)]), half)
+    assert m["VR_by_type"]["desc_type_ratio"] == "v 50.0 t 0.0 vt 50.0"
 
 
 def test_recall_at_k_counts_rank():
@@ -157,7 +176,29 @@ def test_standalone_cli(tmp_path):
           str(out), "--not_verbose"])
     saved = json.loads(out.read_text())
     assert saved["VCMR"] == {k: 100.0 for k in KEYS}
-    assert set(saved) == {"VCMR", "VCMR_by_type", "desc_type_ratio"}
+    assert list(saved) == ["VCMR", "VCMR_by_type"]
+    assert saved["VCMR_by_type"]["desc_type_ratio"] == "v 33.33 t 33.33 vt 33.33"
+
+
+def test_eval_main_is_upstreams_cli_on_files(tmp_path, monkeypatch, capsys):
+    """``eval_main()`` reads sys.argv like upstream's; verbose mode prints the metrics."""
+    sub = submission(VR=[entry(1, [[0, 0, 0, 1.0]]), entry(2, [[0, 0, 0, 1.0]]),
+                         entry(3, [[2, 0, 0, 1.0]])])
+    sub_path, gt_path, out = tmp_path / "sub.json", tmp_path / "gt.jsonl", tmp_path / "m.json"
+    sub_path.write_text(json.dumps(sub))
+    gt_path.write_text("\n".join(json.dumps(g) for g in GT) + "\n")
+    monkeypatch.setattr("sys.argv", ["tvr_standalone_eval.py", "--submission_path",
+                                     str(sub_path), "--gt_path", str(gt_path),
+                                     "--save_path", str(out)])
+    returned = eval_main()
+    saved = json.loads(out.read_text())
+    assert saved == returned and json.loads(capsys.readouterr().out) == saved
+    assert saved["VR"] == {"r1": 66.67, "r5": 66.67, "r10": 66.67, "r100": 66.67}
+    assert saved["VR_by_type"] == {"v-r1": 100.0, "v-r5": 100.0, "v-r10": 100.0,
+                                   "v-r100": 100.0, "t-r1": 0.0, "t-r5": 0.0, "t-r10": 0.0,
+                                   "t-r100": 0.0, "vt-r1": 100.0, "vt-r5": 100.0,
+                                   "vt-r10": 100.0, "vt-r100": 100.0,
+                                   "desc_type_ratio": "v 33.33 t 33.33 vt 33.33"}
 
 
 # ------------------------------------------------------------------------------------- NMS
@@ -204,3 +245,9 @@ def test_merge_and_rank_weighted_average():
     assert exact["VR"]["r1"] == 66.67
     avg = rank_weighted_average(per_rank, [2, 1])
     assert avg["VR"]["r1"] == pytest.approx(200 / 3)
+    typed = [eval_retrieval(shard0, GT[:2]),
+             eval_retrieval({**shard1, "video2idx": VIDEO2IDX}, GT[2:])]
+    avg = rank_weighted_average(typed, [2, 1])  # §5.4: desc_type_ratio is not averaged
+    assert "desc_type_ratio" not in avg["VR_by_type"]
+    assert avg["VR_by_type"]["vt-r1"] == pytest.approx(100 / 3)  # rank 0 has no vt query
+    assert avg["VR_by_type"]["v-r1"] == pytest.approx(200 / 3)

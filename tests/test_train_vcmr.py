@@ -47,8 +47,14 @@ def test_tvr_training_improves_retrieval(tmp_path, toy_dbs):
         "model_step_40.pt", f"model_step_{steps}_final.pt"}
     log = (out / "log" / "log.txt").read_text()
     for key in ("loss/tvr ", "loss/tvr_st_ed ", "valid_tvr/tvr_valid/loss_overall:",
-                "valid_tvr/tvr_valid/loss_neg_q:", "valid_val_VCMR_nms_0.5/VCMR_0.7-r1:"):
+                "valid_tvr/tvr_valid/loss_neg_q:", "valid_val_VCMR_nms_0.5/VCMR_0.7-r1:",
+                "valid_val_VCMR_by_type/VCMR_by_type_t-0.7-r1:",
+                "valid_val_VCMR_by_type/VCMR_by_type_desc_type_ratio: v "):
         assert key in log, key
+    records = [json.loads(line) for line in (out / "log" / "metrics.jsonl").open()]
+    valid = [r["valid"] for r in records if "valid" in r]  # the string is text-log only
+    assert valid and all("valid_val_VR_by_type/VR_by_type_v-r1" in v for v in valid)
+    assert not any(k.endswith("desc_type_ratio") for v in valid for k in v)
 
 
 def test_didemo_video_only_evaluates_val_and_test(tmp_path, toy_dbs):

@@ -11,7 +11,8 @@ with ``desc_id``, ``vid_name``, ``ts`` (not needed for VR) and ``type`` (with de
 
 Keys: ``{TASK}[{thd}-r{K}]`` (VCMR, SVMR), ``VR[r{K}]``, K in 1/5/10/100, values
 ``round(100·fraction, 2)``; with ``use_desc_type`` also ``{TASK}_by_type`` (``{type}-...``,
-divided by the number of queries of that type) and ``desc_type_ratio``.
+divided by the number of queries of that type), each ending with the string
+``desc_type_ratio`` (training.md §5.3, as upstream). ``eval_main`` is upstream's name of the CLI.
 
 Decisions:
 - IoU is float32 (interface.md); a GT ``ts`` that is a list of **≥ 4** ``[st, ed]`` pairs
@@ -23,7 +24,9 @@ Decisions:
   counted and logged. With ``match_number=True`` any mismatch raises, naming examples.
 - A GT video absent from ``video2idx`` makes the query a miss; such queries are counted and
   logged, never dropped.
-- ``desc_type_ratio`` is ``"v X t Y vt Z"`` with percentages formatted ``%.2f``.
+- ``desc_type_ratio`` is ``"v X t Y vt Z"``, each ``str(round(100 * share, 2))`` (``45.1``,
+  not ``45.10``), the shares of the queries scored for that task (all GT queries when
+  ``match_number``); it is the last key of each ``{TASK}_by_type`` dict.
 - Invalid data raises ``ValueError`` naming the task, ``desc_id`` and field: predictions with
   non-finite or negative times or ``ed < st``, GT spans with ``ed < st``, negative times or a
   start after the GT ``duration``.
@@ -195,18 +198,24 @@ def _task_hits(task, by_id, gts, video2idx, iou_thds):
 
 
 def _by_type(hits, gts):
+    """Per-type recalls, then ``desc_type_ratio`` of these queries (training.md §5.3)."""
     types = [g["type"] for g in gts]
     counts = Counter(types)
     order = [t for t in TYPE_ORDER if t in counts] + sorted(set(counts) - set(TYPE_ORDER))
     type_arr = np.asarray(types)
-    return {f"{t}-{key}": _pct(int(hit[type_arr == t].sum()), counts[t])
-            for t in order for key, hit in hits.items()}
+    out = {f"{t}-{key}": _pct(int(hit[type_arr == t].sum()), counts[t])
+           for t in order for key, hit in hits.items()}
+    out["desc_type_ratio"] = desc_type_ratio(gts)
+    return out
 
 
 def desc_type_ratio(ground_truth) -> str:
+    """``"v 45.1 t 33.33 vt 21.57"``: upstream prints ``round(100 * share, 2)`` with str(),
+    so trailing zeros are dropped (training.md §5.3)."""
     counts = Counter(g["type"] for g in ground_truth)
     n = len(ground_truth)
-    return " ".join(f"{t} {100 * counts.get(t, 0) / n:.2f}" for t in TYPE_ORDER)
+    return " ".join(f"{t} {round(100 * (counts.get(t, 0) / n), 2) if n else 0.0}"
+                    for t in TYPE_ORDER)
 
 
 def _report_absent_videos(ground_truth, video2idx):
@@ -237,8 +246,6 @@ def eval_retrieval(submission, ground_truth, iou_thds=(0.5, 0.7), verbose=True,
             metrics[f"{task}_by_type"] = _by_type(hits, gts)
         if verbose:
             LOGGER.info("%s (%d queries): %s", task, len(gts), json.dumps(metrics[task]))
-    if use_desc_type:
-        metrics["desc_type_ratio"] = desc_type_ratio(ground_truth)
     return metrics
 
 
@@ -257,6 +264,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """CLI: metrics of ``--submission_path`` against ``--gt_path`` written to ``--save_path``
+    (IoU 0.5/0.7, ``use_desc_type=True``, training.md §5.3); returns the metrics dict."""
     opts = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if opts.not_verbose else logging.INFO)
     with open(opts.submission_path) as f:
@@ -272,5 +281,8 @@ def main(argv=None):
     return metrics
 
 
+eval_main = main  # upstream's name: ``eval_main()`` parses sys.argv
+
+
 if __name__ == "__main__":
-    main()
+    eval_main()
