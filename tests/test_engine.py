@@ -6,6 +6,7 @@ also under torchrun), so test_ddp.py and test_resume.py drive real training proc
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -211,20 +212,30 @@ def test_accumulation_sum_clipping_and_lr_match_hand_computation(tmp_path, monke
     assert hps["n_gpu"] == 1 and hps["grad_norm"] == 0.05
 
 
-def test_output_dir_policy_and_hps_mismatch(tmp_path):
-    run_toy(tmp_path)
-    try:
-        run_toy(tmp_path)
-        raise AssertionError("a second run in the same output_dir must be refused")
-    except ConfigError as exc:
-        assert "--resume" in str(exc) and "--overwrite" in str(exc)
-    try:
+def test_output_dir_policy_and_hps_mismatch(tmp_path, caplog):
+    """Same options: a finished run is returned, not retrained; other options are refused
+    naming the keys; --overwrite sets the run (its finished marker too) aside."""
+    out = tmp_path / "out"
+    first, _ = run_toy(tmp_path)
+    marker = out / "log" / "finished.json"
+    assert json.loads(marker.read_text())["final_checkpoint"] == "ckpt/model_step_2.pt"
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with caplog.at_level(logging.INFO):
+        again, _ = run_toy(tmp_path)
+    assert f"output_dir {out} holds a finished run (update 2 of 2" in caplog.text
+    assert "nothing to do; pass --overwrite to train again" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                 again.state_dict().values()))
+    with pytest.raises(ConfigError, match="in keys: grad_norm, learning_rate") as info:
         run_toy(tmp_path, "--resume", "--learning_rate", "0.2", "--grad_norm", "1")
-        raise AssertionError("resume with other options must be refused")
-    except ConfigError as exc:
-        assert "grad_norm, learning_rate" in str(exc)
+    assert "learning_rate: 0.1 in that run, 0.2 now" in str(info.value)
+    with pytest.raises(ConfigError, match="holds a run whose options differ from this command"):
+        run_toy(tmp_path, "--learning_rate", "0.2")
     model, _ = run_toy(tmp_path, "--overwrite")
-    assert model is not None
+    assert model is not None and marker.is_file()
+    previous = list(out.glob("previous-*"))
+    assert len(previous) == 1 and (previous[0] / "log" / "finished.json").is_file()
 
 
 def test_non_finite_loss_names_step_task_and_batch(tmp_path):

@@ -95,8 +95,9 @@ def test_overwrite_moves_the_old_run_aside_and_tmp_leftovers_are_removed(tmp_pat
     earlier.mkdir(parents=True)
     (earlier / ".model_step_9.pt.abc.tmp").write_bytes(b"y")
 
-    refused = _train(out, 2)
-    assert refused.returncode != 0 and "--overwrite" in refused.stderr
+    refused = _train(out, 2)  # not the command of the run in there: refused, not resumed
+    assert refused.returncode != 0
+    assert "in keys: num_train_steps (num_train_steps: 4 in that run, 2 now)" in refused.stderr
     assert not leftover.exists()  # removed at start, even by a refused run
     assert f"removed {leftover} (1,234 bytes)" in refused.stderr
     (out / "results").mkdir()
@@ -112,6 +113,8 @@ def test_overwrite_moves_the_old_run_aside_and_tmp_leftovers_are_removed(tmp_pat
     moved = prev[1]
     assert {"model_step_4.pt", "train_state_4.pt"} <= {p.name for p in (moved / "ckpt").iterdir()}
     assert _steps(moved) == [1, 2, 3, 4] and (moved / "final_params.pt").is_file()
+    assert json.loads((moved / "log" / "finished.json").read_text())["global_step"] == 4
+    assert json.loads((out / "log" / "finished.json").read_text())["global_step"] == 2
     assert not list(moved.rglob("*.tmp")) and (earlier / ".model_step_9.pt.abc.tmp").is_file()
     log = (out / "log" / "log.txt").read_text()
     assert f"--overwrite: moved the previous run's ckpt, final_params.pt, log, results to {moved}" \

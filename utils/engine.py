@@ -34,7 +34,11 @@ bit-for-bit (upstream's resume was lossy, P15): the data side is in :mod:`data.r
 validation runs under a saved-and-restored RNG so training randomness does not depend on when
 validation happens. On resume ``log/hps.json`` must equal the current options (the keys that
 differ are listed; ``resume``, ``overwrite``, ``output_dir`` (a run folder may be moved) and
-``log_steps`` are ignored).
+``log_steps`` are ignored). Re-running the same command resumes too, as upstream did from its
+``restore.pt``; the last act of :meth:`Trainer.finish` writes ``log/finished.json``, after
+which a re-run (with or without ``--resume``) trains nothing and returns the final model
+(policy in :mod:`utils.run_dir`). A resumed run whose validation checkpoint of the resumed
+update is missing redoes that validation first (see :meth:`Trainer._validation_missing`).
 
 Faults (issue 13). The run folder is locked and claimed by :mod:`utils.run_dir`. Before every
 optimizer step the loss (every rank) and, in fp32/bf16, the gradient norm are checked: a
@@ -86,10 +90,12 @@ from utils.distributed import all_gather_object, broadcast_object
 from utils.errors import HeroError
 from utils.logger import METRICS_LOG, TB_LOGGER, RunningMeter, setup_logging
 from utils.numerics import newest_good_files, non_finite_tensors
-from utils.preemption import StopRequest, resume_command
-from utils.run_dir import plan_output_dir
+from utils.preemption import StopRequest, resume_advice
+from utils.run_dir import mark_finished, plan_output_dir
 from utils.save import (
+    CheckpointError,
     ModelSaver,
+    load_checkpoint_file,
     load_training_state,
     rng_state,
     save_training_meta,
@@ -120,7 +126,8 @@ class RunStopped(HeroError):
 
 def add_run_args(parser) -> None:
     """Flags the engine adds to every script's parser (call before parsing)."""
-    add_bool(parser, "resume", help="continue from the newest ckpt/train_state_*.pt")
+    add_bool(parser, "resume", help="continue from the newest ckpt/train_state_*.pt (the "
+             "same command without it does so too)")
     add_bool(parser, "overwrite", help="move the run already in output_dir aside to "
              "output_dir/previous-<time>/ and start over")
     parser.add_argument("--log_steps", type=int, default=100,
@@ -236,24 +243,29 @@ class Trainer:
         self.pbar = None
         self._log_file = None
         self._stop_signum = 0
+        self._finished = None  # (message, final checkpoint) of a folder holding a finished run
+        self._resumed_from = None
         self.stop = StopRequest()
 
     # ------------------------------------------------------------------ entry point
     def run(self):
         """Set up, train until ``num_train_steps``, final validation/save; returns the model.
 
-        A stop signal ends the loop after an update agreed by every rank: a training state is
-        saved and :class:`RunStopped` raised. Any error is written with its traceback to
+        When ``output_dir`` holds a finished run of the same options nothing is trained or
+        written: the message is logged and the model is returned with the run's final weights
+        (so entry scripts and their callers behave as after training). A stop signal ends the
+        loop after an update agreed by every rank: a training state is saved and
+        :class:`RunStopped` raised. Any error is written with its traceback to
         ``log/log.txt`` (once this run owns it) before it propagates.
         """
         self.stop = StopRequest()
         try:
             self.stop.install()
-            self.setup()
-            self.train()
-            if self._stop_signum:
-                self._stop_for_signal()
-            self.finish()
+            if self.setup():
+                self.train()
+                if self._stop_signum:
+                    self._stop_for_signal()
+                self.finish()
         except BaseException as exc:
             self._log_fatal(exc)
             raise
@@ -272,8 +284,8 @@ class Trainer:
         name = signal.Signals(self._stop_signum).name
         message = (f"stopped by {name} at update {self.global_step} of "
                    f"{self.opts.num_train_steps}; training state saved in "
-                   f"{Path(self.opts.output_dir) / 'ckpt'}; resume with: "
-                   f"{resume_command(self.ctx.world_size)}")
+                   f"{Path(self.opts.output_dir) / 'ckpt'}; "
+                   f"{resume_advice(self.ctx.world_size, self.opts.overwrite)}")
         LOGGER.warning(message)
         raise RunStopped(message, self._stop_signum)
 
@@ -291,7 +303,9 @@ class Trainer:
                 handler.handle(record)
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def setup(self) -> bool:
+        """Everything before the first update; False when ``output_dir`` holds a finished run
+        (then only :attr:`model` is set up, with that run's final weights)."""
         opts = self.opts
         self.ctx = init_distributed()
         self.device = self.task.device = self.ctx.device
@@ -299,7 +313,9 @@ class Trainer:
         setup_logging(None, self.ctx.rank)
         self._check_options()
         set_random_seed(opts.seed)
-        resume_path = self._plan_output_dir()
+        resume_path = self._resumed_from = self._plan_output_dir()
+        if self._finished is not None:
+            return self._set_up_finished()
         self._open_logs()
         if self._run_dir is not None:
             self._run_dir.log_notes()  # what claiming the folder did, now also in log.txt
@@ -315,6 +331,7 @@ class Trainer:
                                       distributed=self.ctx.distributed)
         if state is not None:
             self._restore_data_and_rng(state)
+        return True
 
     def _check_options(self) -> None:
         opts = self.opts
@@ -327,18 +344,39 @@ class Trainer:
 
     def _plan_output_dir(self) -> Path | None:
         """Rank 0 locks ``output_dir`` and applies the policy (:mod:`utils.run_dir`); every
-        rank gets its verdict (error or state path). The lock is held until :meth:`close`."""
+        rank gets its verdict (error, finished run or state path), so all ranks train or all
+        return. The lock is held until :meth:`close`."""
         verdict, self._run_dir = None, None
         if self.ctx.rank == 0:
             try:
-                self._run_dir = plan_output_dir(self.opts)
-                verdict = ("ok", self._run_dir.resume_path)
+                run = self._run_dir = plan_output_dir(self.opts)
+                verdict = (("finished", (run.finished, run.final_checkpoint)) if run.finished
+                           else ("ok", run.resume_path))
             except ConfigError as exc:
                 verdict = ("error", str(exc))
         kind, value = broadcast_object(verdict)
         if kind == "error":
             raise ConfigError(value)
+        if kind == "finished":
+            self._finished = value
+            return None
         return value
+
+    def _set_up_finished(self) -> bool:
+        """The finished run's final model; nothing in ``output_dir`` is written."""
+        message, path = self._finished
+        if self._run_dir is not None:
+            self._run_dir.log_notes()  # console only: this run opens no log.txt
+        LOGGER.info("%s", message)
+        self.model = self._build_model()
+        state = load_checkpoint_file(path, map_location=self.device)
+        try:
+            self.model.load_state_dict({k: v for k, v in state.items() if torch.is_tensor(v)})
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}, the final checkpoint of the finished run in "
+                                  f"{self.opts.output_dir}, does not fit this script's model "
+                                  f"({exc}); pass --overwrite to train again") from exc
+        return False
 
     def _open_logs(self) -> None:
         log_dir = Path(self.opts.output_dir) / "log"
@@ -441,6 +479,11 @@ class Trainer:
         self.pbar = tqdm(total=opts.num_train_steps, initial=self.global_step, desc="train",
                          disable=self.ctx.rank != 0, dynamic_ncols=True)
         self.t_start, self.start_examples = time.time(), dict(self.examples)
+        if self._resumed_from is not None and self._validation_missing():
+            LOGGER.info("resumed at update %d, which has no model_step_%d.pt: redoing its "
+                        "validation and checkpoint", self.global_step, self.global_step)
+            self._validate(final=False)
+            self._save_model()
         if self.global_step >= opts.num_train_steps:
             LOGGER.info("already at update %d of %d", self.global_step, opts.num_train_steps)
             return
@@ -453,6 +496,18 @@ class Trainer:
                 self._update(name)
                 if self._stop_signum or self.global_step >= opts.num_train_steps:
                     break
+
+    def _validation_missing(self) -> bool:
+        """Resumed at a validation step whose ``model_step_N.pt`` is absent, where that means
+        the validation may never have run: tasks that save the training state before
+        validating (died during it), and the last update (a run ends with its checkpoint)."""
+        step = self.global_step
+        if step == 0 or step % self.opts.valid_steps != 0:
+            return False
+        if not (self.task.restore_before_validation or step >= self.opts.num_train_steps):
+            return False
+        path = Path(self.opts.output_dir) / "ckpt" / f"model_step_{step}.pt"
+        return bool(broadcast_object(not path.is_file() if self.ctx.rank == 0 else None))
 
     def _micro_step(self, name: str, batch, last: bool) -> None:
         self.task.schedule(self.model, self.global_step)
@@ -639,7 +694,8 @@ class Trainer:
                           valid={k: float(v) for k, v in (metrics or {}).items()})
 
     def finish(self) -> None:
-        """After the loop (§3.8): final validation/save per ``final_ckpt_suffix``."""
+        """After the loop (§3.8): final validation/save per ``final_ckpt_suffix``, then the
+        ``log/finished.json`` marker that makes a re-run of the command a no-op."""
         step, suffix = self.global_step, self.task.final_ckpt_suffix
         if step % self.opts.valid_steps != 0:
             self._validate(final=True)
@@ -650,6 +706,9 @@ class Trainer:
         skipped = sum(self.overflows.values())
         LOGGER.info("training finished at update %d; fp16 updates skipped: %d %s", step,
                     skipped, dict(self.overflows) if skipped else "")
+        if self.ctx.rank == 0:  # last: a run that dies before this resumes when re-run
+            mark_finished(self.opts.output_dir, step, self.opts.num_train_steps,
+                          f"ckpt/model_step_{step}{suffix or ''}.pt")
 
     def close(self) -> None:
         """Close logs and writers, then release ``output_dir`` (last: nothing writes after)."""

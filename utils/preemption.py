@@ -56,10 +56,25 @@ class StopRequest:
                        signal.Signals(signum).name)
 
 
-def resume_command(world_size: int) -> str:
-    """The command line of this run with ``--resume`` (torchrun prefix when distributed)."""
-    argv = list(sys.argv)
-    if "--resume" not in argv:
-        argv.append("--resume")
+def resume_command(world_size: int, overwrite: bool = False) -> str:
+    """The command line that resumes this run (torchrun prefix when distributed).
+
+    Re-running a run's own command resumes it (:mod:`utils.run_dir`), so that is what is
+    printed, without ``--resume``; only ``--overwrite`` is replaced by ``--no-overwrite`` (it
+    would set the run aside and start over, also when set in the JSON config).
+    """
+    argv = [a for a in sys.argv if a != "--overwrite"]
+    if overwrite:
+        argv.append("--no-overwrite")
     prefix = f"torchrun --nproc_per_node {world_size} " if world_size > 1 else "python "
     return prefix + shlex.join(argv)
+
+
+def resume_advice(world_size: int, overwrite: bool = False) -> str:
+    """The end of a stop message: how to resume (cluster wrappers re-submit the same command)."""
+    command = resume_command(world_size, overwrite)
+    if overwrite:
+        return (f"to resume, run the command without --overwrite (which would set this run "
+                f"aside and start over): {command}")
+    return ("to resume, run the same command again (it continues from this state on its own, "
+            f"as with --resume): {command}")

@@ -1,4 +1,5 @@
-"""Who owns a run folder, and what a new run does with what is already in it (issue 13 items 4, 6).
+"""Who owns a run folder, and what a new run does with what is already in it (issue 13 items 4, 6;
+issue 14 item 3).
 
 Before anything in ``output_dir`` is read, moved or opened for logging, rank 0 of a training run
 takes an exclusive lock on ``output_dir/.run.lock`` and holds it until ``Trainer.close()`` or
@@ -17,19 +18,41 @@ With the lock held, in this order:
    :func:`utils.save.atomic_torch_save` / ``atomic_write_text`` / ``eval.common.write_json_atomic``,
    ``.<name>.tmp`` from ``eval.qa``) anywhere under ``output_dir`` except inside ``previous-*``
    are deleted, each logged with its size: only a killed save leaves them, and nothing reads them.
-2. The output-dir policy. A folder holding a run (``log/hps.json`` or ``ckpt/*.pt``) is refused
-   unless ``--resume`` (continue the newest ``ckpt/train_state_N.pt``; the options must equal
-   ``hps.json`` except :data:`RUN_CONTROL_KEYS`) or ``--overwrite``. ``--overwrite`` *moves*
-   everything in the folder (log/, ckpt/, results*, ...) except the lock file and earlier
-   ``previous-*`` folders to a new ``output_dir/previous-<YYYYmmdd-HHMMSS>/``, so the new run starts
-   in an empty folder (no old checkpoint, log line or ``metrics.jsonl`` record mixes with it) and
-   nothing of the old run is lost; delete ``previous-*`` yourself when it is not needed.
-   ``--resume --overwrite`` together is refused: one continues the run, the other sets it aside.
+2. The output-dir policy. A folder *holds a run* when it has ``log/hps.json`` or ``ckpt/*.pt``.
+   Re-running the command that started it is how upstream users (and cluster wrappers that
+   re-submit a job after a crash or preemption) continue a run, so without flags:
+
+   * an empty folder, or one holding no run: a new run starts;
+   * a run whose ``hps.json`` equals this command's options (except :data:`RUN_CONTROL_KEYS`)
+     and that is not finished: it *resumes* from the newest ``ckpt/train_state_N.pt``, saying
+     so. With no training state yet it starts again from update 0 in the same folder: the
+     earlier attempt's ``model_step_N.pt`` files are replaced only by the same updates' saves
+     of an identical run, its ``metrics.jsonl`` records by later ones (readers keep the last
+     record per step), so nothing of value is lost;
+   * a *finished* run: it says so and nothing is trained (the Trainer returns the final model
+     from its checkpoint). Finished means ``log/finished.json`` (:data:`FINISHED_MARKER`),
+     written atomically as the very last act of ``Trainer.finish()`` and naming the final
+     checkpoint, exists and that checkpoint too. A run that died during its final validation
+     or save has no marker and resumes, redoing them; a marker whose checkpoint was deleted is
+     removed and the run resumes to write it again. Runs of versions without the marker resume
+     from their last state and redo the final validation/save once;
+   * a run with other options: refused, naming each differing key with both values;
+   * checkpoints without ``hps.json``: refused (the options cannot be compared).
+
+   ``--resume`` is the explicit form: the same, except that checkpoints without ``hps.json``
+   are continued, and an empty folder starts from update 0 with a WARNING. ``--overwrite``
+   *moves* everything in the folder (log/ with the marker, ckpt/, results*, ...) except the lock
+   file and earlier ``previous-*`` folders to a new ``output_dir/previous-<YYYYmmdd-HHMMSS>/``,
+   so the new run starts in an empty folder (no old checkpoint, log line or ``metrics.jsonl``
+   record mixes with it) and nothing of the old run is lost; delete ``previous-*`` yourself
+   when it is not needed. ``--resume --overwrite`` together is refused: one continues the run,
+   the other sets it aside.
 
 What was done is kept as notes and logged by :meth:`RunDir.log_notes` once ``log/log.txt`` is
-open, so the new run's log says which folder the old run went to and what was removed.
-Processes that write into a run folder without this lock (evaluation scripts writing
-``results_*``) should not be started at the same moment as a training run into that folder.
+open, so the new run's log says which folder the old run went to, what was removed and where it
+resumed from. Processes that write into a run folder without this lock (evaluation scripts
+writing ``results_*``) should not be started at the same moment as a training run into that
+folder.
 """
 from __future__ import annotations
 
@@ -47,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.config import ConfigError
-from utils.save import latest_training_state
+from utils.save import atomic_write_text, latest_training_state
 
 LOGGER = logging.getLogger(__name__)
 LOCK_NAME = ".run.lock"
@@ -55,6 +78,7 @@ PREVIOUS_PREFIX = "previous-"
 TMP_RE = re.compile(r"^\..+\.tmp$")
 RUN_CONTROL_KEYS = ("resume", "overwrite", "output_dir", "log_steps")
 LOCK_TRIES = 5
+FINISHED_MARKER = Path("log") / "finished.json"
 
 
 def options_json(opts) -> dict:
@@ -223,11 +247,17 @@ def move_previous_run(out: Path) -> tuple[Path | None, list]:
 
 @dataclass
 class RunDir:
-    """A claimed run folder: its lock, the state to resume from and what was done to it."""
+    """A claimed run folder: its lock, the verdict of the policy and what was done to it.
+
+    ``finished`` is the message for a folder holding a finished run (``final_checkpoint`` its
+    final model); otherwise ``resume_path`` is the training state to continue, or None.
+    """
 
     path: Path
     lock: RunLock
     resume_path: Path | None = None
+    finished: str | None = None
+    final_checkpoint: Path | None = None
     notes: list = field(default_factory=list)
 
     def log_notes(self) -> None:
@@ -253,7 +283,7 @@ def plan_output_dir(opts) -> RunDir:
     run.notes += run.lock.acquire()
     try:
         run.notes += remove_leftover_tmp(out)
-        run.resume_path = _apply_policy(opts, out, run.notes)
+        _apply_policy(opts, out, run)
     except BaseException:
         run.log_notes()  # a refused run has no log.txt of its own: the console gets them
         run.release()
@@ -261,36 +291,106 @@ def plan_output_dir(opts) -> RunDir:
     return run
 
 
+def mark_finished(out, global_step: int, num_train_steps: int, final_checkpoint: str) -> None:
+    """Write :data:`FINISHED_MARKER` (rank 0, after everything else of the run is saved)."""
+    atomic_write_text(Path(out) / FINISHED_MARKER, json.dumps(
+        {"global_step": global_step, "num_train_steps": num_train_steps,
+         "final_checkpoint": final_checkpoint,
+         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1))
+
+
 def _read_hps(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: cannot read {path}: {exc}; restore it from a copy, or "
-                          "start over with --overwrite") from exc
+        raise ConfigError(f"cannot read {path} to compare this command's options with that "
+                          f"run's: {exc}; restore it from a copy, or start over with "
+                          "--overwrite") from exc
 
 
-def _apply_policy(opts, out: Path, notes: list) -> Path | None:
-    """Refuse / resume / move aside, per the module doc; returns the state to resume from."""
-    hps, ckpt = out / "log" / "hps.json", out / "ckpt"
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_same_options(opts, out: Path, hps: Path, ckpt: Path) -> None:
+    """Refuse a run folder whose ``hps.json`` differs from (or, without --resume, lacks) the
+    options of this command, naming each differing key with both values."""
+    if not hps.is_file():
+        if opts.resume:
+            return
+        raise ConfigError(f"output_dir {out} holds checkpoints ({ckpt}) but no {hps} to "
+                          "compare this command's options with; pass --resume to continue "
+                          "from them anyway, or --overwrite to move them aside and start over")
+    saved, current = _read_hps(hps), options_json(opts)
+    diff = hps_differences(saved, current)
+    if not diff:
+        return
+    values = "; ".join(f"{k}: {_short(saved.get(k, '<absent>'))} in that run, "
+                       f"{_short(current.get(k, '<absent>'))} now" for k in diff)
+    what = ("--resume: options differ from" if opts.resume else
+            f"output_dir {out} holds a run whose options differ from this command's, see")
+    raise ConfigError(f"{what} {hps} in keys: {', '.join(diff)} ({values}); pass that run's "
+                      "options to continue it, --overwrite to move it aside and start over, "
+                      "or another --output_dir")
+
+
+def _finished_run(out: Path, notes: list) -> tuple[str | None, Path | None]:
+    """(message, final checkpoint) when the marker says the run finished, else (None, None)."""
+    marker = out / FINISHED_MARKER
+    if not marker.is_file():
+        return None, None
+    try:
+        rec = json.loads(marker.read_text())
+        step, total = int(rec["global_step"]), int(rec["num_train_steps"])
+        final = out / rec["final_checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read {marker}, which marks the run in {out} as finished: "
+                          f"{exc}; delete it to resume that run (its final validation and "
+                          "checkpoint are redone), or pass --overwrite to train again") from exc
+    if not final.is_file():
+        marker.unlink()
+        notes.append((logging.WARNING, f"{marker} says the run finished, but its final "
+                      f"checkpoint {final} is missing: removed the marker, resuming the run "
+                      "to write it again"))
+        return None, None
+    return (f"output_dir {out} holds a finished run (update {step} of {total}, finished "
+            f"{rec.get('finished', 'at an unrecorded time')}, final checkpoint {final}): "
+            "nothing to do; pass --overwrite to train again"), final
+
+
+def _resume_point(opts, out: Path, ckpt: Path, notes: list) -> Path | None:
+    """The newest training state of an unfinished run, with a note saying what happens."""
+    path = latest_training_state(ckpt) if ckpt.is_dir() else None
     if opts.resume:
-        if hps.is_file():
-            diff = hps_differences(_read_hps(hps), options_json(opts))
-            if diff:
-                raise ConfigError(f"--resume: options differ from {hps} in keys: "
-                                  f"{', '.join(diff)}")
-        path = latest_training_state(ckpt) if ckpt.is_dir() else None
         if path is None:
             notes.append((logging.WARNING, f"--resume: no training state in {ckpt}; "
                           "starting from step 0"))
         return path
-    if not opts.overwrite:
-        if hps.is_file() or any(ckpt.glob("*.pt")):
-            raise ConfigError(f"output_dir {out} already holds a run "
-                              f"({hps if hps.is_file() else ckpt}); pass --resume to continue "
-                              "it or --overwrite to move it aside and start over")
-        return None
-    dest, moved = move_previous_run(out)
-    notes.append((logging.INFO, f"--overwrite: moved the previous run's {', '.join(moved)} "
-                  f"to {dest}; this run starts in an empty folder" if dest else
-                  f"--overwrite: {out} held nothing to move aside"))
-    return None
+    if path is None:
+        notes.append((logging.WARNING, f"output_dir {out} holds an unfinished run with the "
+                      f"same options but no training state ({ckpt}/train_state_*.pt) yet: "
+                      "starting it again from update 0 in this folder (pass --overwrite to "
+                      "move the earlier attempt aside instead)"))
+    else:
+        notes.append((logging.INFO, f"output_dir {out} holds an unfinished run with the same "
+                      f"options: resuming from {path.relative_to(out)} (pass --overwrite to "
+                      "start over)"))
+    return path
+
+
+def _apply_policy(opts, out: Path, run: RunDir) -> None:
+    """Move aside / start / refuse / finished / resume, per the module doc; sets ``run``."""
+    hps, ckpt = out / "log" / "hps.json", out / "ckpt"
+    if opts.overwrite:
+        dest, moved = move_previous_run(out)
+        run.notes.append((logging.INFO, f"--overwrite: moved the previous run's "
+                          f"{', '.join(moved)} to {dest}; this run starts in an empty folder"
+                          if dest else f"--overwrite: {out} held nothing to move aside"))
+        return
+    if not (opts.resume or hps.is_file() or any(ckpt.glob("*.pt"))):
+        return
+    _check_same_options(opts, out, hps, ckpt)
+    run.finished, run.final_checkpoint = _finished_run(out, run.notes)
+    if run.finished is None:
+        run.resume_path = _resume_point(opts, out, ckpt, run.notes)
