@@ -87,6 +87,11 @@ def span_pairs(length: int, min_l: int, max_l: int, device=None):
     return ii[keep], (ii + dd)[keep]
 
 
+def n_span_pairs(length: int, min_l: int, max_l: int) -> int:
+    """``len(span_pairs(...)[0])`` counted in Python: no tensor (and no device sync) needed."""
+    return sum(max(0, length - d) for d in range(min_l, max_l))
+
+
 def window_mask(length: int, min_l: int, max_l: int, device=None):
     """(L, L) bool mask M[i, j] = ``min_l <= j - i < max_l`` (§5.2)."""
     i = torch.arange(length, device=device)
@@ -156,7 +161,7 @@ def rank_vcmr(p_st, p_ed, video_e, k_videos: int, min_l: int, max_l: int, max_be
     st_e = _gather_rows(p_st, v_top) * e_top.unsqueeze(-1)
     cand = band_scores(st_e, _gather_rows(p_ed, v_top), min_l, max_l)
     length, width = cand.shape[-2:]
-    n_valid = v_top.size(1) * len(span_pairs(length, min_l, max_l)[0])
+    n_valid = v_top.size(1) * n_span_pairs(length, min_l, max_l)
     vals, flat = topk_stable(cand.flatten(1), min(max_before_nms, n_valid))
     k, rest = flat // (length * width), flat % (length * width)
     st = rest // width
@@ -167,7 +172,7 @@ def rank_svmr(p_st_gt, p_ed_gt, min_l: int, max_l: int, max_before_nms: int):
     """SVMR on each query's GT video rows (N, L): (scores, st frame, ed frame), (N, n)."""
     cand = band_scores(p_st_gt, p_ed_gt, min_l, max_l)
     width = cand.size(-1)
-    n_valid = len(span_pairs(cand.size(-2), min_l, max_l)[0])
+    n_valid = n_span_pairs(cand.size(-2), min_l, max_l)
     vals, flat = topk_stable(cand.flatten(1), min(max_before_nms, n_valid))
     st = flat // width
     return vals, st, st + min_l + flat % width

@@ -157,14 +157,18 @@ def ranking_losses(scores: torch.Tensor, loss_type="hinge", margin=0.1, use_all_
     batch's ``q_vidx`` is not used here, as upstream. With a single video both losses are a
     zero tensor of shape (1). ``use_all_neg=False`` draws with ``torch.randint``, neg_ctx first,
     then neg_q (draw order is our decision; upstream's order is not specified).
+    The losses are computed in fp32, also under autocast, like every other loss of the model.
     """
+    scores = scores.float()
     n_q, n_v = scores.shape
     if n_v == 1:
         zero = scores.new_zeros(1)
         return zero, zero.clone()
     owned = owned_pairs(n_q, n_v, scores.device)
     k = n_q // n_v
-    pos = scores[owned]
+    # row i's own video is column i // k: a gather, not a boolean index (no device sync)
+    owner = torch.arange(n_q, device=scores.device) // k
+    pos = scores.gather(1, owner[:, None]).squeeze(1)
     masked = scores.masked_fill(owned, POS_FILL)
     sorted_ctx = masked.sort(dim=1, descending=True).values
     sorted_q = masked.t().sort(dim=1, descending=True).values
