@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python inf_tvc.py --model_dir /storage/tvc_default --ckpt_step 7000 \
         --target_clip /txt/tvc_val_release.jsonl --output tvc_val_predictions.jsonl \
-        [--toker /path/to/roberta_tokenizer] [--no_fp16]
+        [--toker roberta-base|/path/to/roberta_tokenizer] [--no_fp16]
 
 Multi-GPU: ``torchrun --nproc_per_node N inf_tvc.py ...`` (videos are sharded by rank, all clips
 of a video on one rank, and the captions gathered). The model is
@@ -16,8 +16,10 @@ subtitle/video DBs and data settings come from ``log/hps.json``. Rank 0 writes o
 METEOR, ROUGE_L and CIDEr (eval/tvc.py) and writes them to ``{output stem}_metrics.json``.
 
 Decisions: fp16 is on by default as upstream (``--no_fp16`` turns it off) but is
-``torch.autocast`` and is skipped on a machine without CUDA (logged). ``--toker`` defaults to the
-tokenizer folder recorded in hps.json (``toker``), else in the training caption DB's meta.json.
+``torch.autocast`` and is skipped on a machine without CUDA (logged). ``--toker`` (a Hugging Face
+model name read from the local cache, e.g. ``roberta-base`` as upstream-built caption DBs record,
+or a local folder; utils/tokenizer.py) defaults to the tokenizer recorded in hps.json
+(``toker``), else in the training caption DB's meta.json.
 """
 from __future__ import annotations
 
@@ -66,25 +68,29 @@ def parse_args(argv=None):
     p.add_argument("--target_clip", required=True,
                    help="TVC jsonl of the clips to caption (vid_name, clip_id, ts[, descs])")
     p.add_argument("--toker", default=None,
-                   help="local RoBERTa tokenizer folder (default: the one in hps.json)")
+                   help="RoBERTa tokenizer: a Hugging Face model name (roberta-base) or a local "
+                        "folder with vocab.json and merges.txt (default: the one in hps.json)")
     return p.parse_args(argv)
 
 
-def tokenizer_dir(opts, hps) -> str:
-    """``--toker``, else hps.json's ``toker``, else the training caption DB's meta.json."""
+def tokenizer_source(opts, hps) -> tuple[str, str]:
+    """(tokenizer name or folder, where it came from): ``--toker``, else hps.json's ``toker``,
+    else the training caption DB's meta.json (``toker``, else ``tokenizer``)."""
     if opts.toker:
-        return opts.toker
+        return opts.toker, "--toker"
     if getattr(hps, "toker", None):
-        return hps.toker
+        return hps.toker, f"toker (recorded in {opts.model_dir}/log/hps.json; --toker overrides it)"
     for key in ("train_db", "val_db"):
         meta = os.path.join(str(getattr(hps, key, "")), "meta.json")
         if os.path.isfile(meta):
             with open(meta) as f:
-                toker = json.load(f).get("toker")
+                info = json.load(f)
+            toker = info.get("toker") or info.get("tokenizer")
             if toker:
-                return toker
+                return toker, f"toker (recorded in {meta}; --toker overrides it)"
     raise EvalSetupError(f"{opts.model_dir}/log/hps.json records no tokenizer (toker) and no "
-                         "caption DB meta.json names one; pass --toker DIR")
+                         "caption DB meta.json names one; pass --toker roberta-base or "
+                         "--toker DIR (a local RoBERTa tokenizer folder)")
 
 
 def has_references(path) -> bool:
@@ -134,7 +140,7 @@ def main(argv=None):
     device = init_distributed()
     hps = load_hps(opts.model_dir)
     require_hps(hps, DATA_KEYS + ("sub_txt_db", "vfeat_db"), opts.model_dir)
-    toker = load_toker(tokenizer_dir(opts, hps))
+    toker = load_toker(*tokenizer_source(opts, hps))
     model, _ = build_eval_model(HeroForTvc, opts.model_dir, opts.ckpt_step, device,
                                 lsr=getattr(hps, "lsr", 0.1))
     loader = build_loader(opts, hps, device)

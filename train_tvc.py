@@ -19,9 +19,12 @@ machinery, plus ``--sub_txt_db``, ``--vfeat_db``, ``--train_db``, ``--val_db``, 
 ``opts.task = 'tvc'`` and ``opts.rank`` are added to hps.json, as upstream.
 
 Deviations, on purpose:
-- ``--toker``: the local RoBERTa tokenizer folder used to detokenise the decoded captions
-  (upstream downloaded ``roberta-base``; nothing is downloaded here). Default: the ``toker``
-  recorded in ``train_db/meta.json``. It is stored in hps.json, where ``inf_tvc.py`` finds it.
+- ``--toker``: the RoBERTa tokenizer used to detokenise the decoded captions, a Hugging Face
+  model name read from the local cache (``roberta-base``, what upstream-built caption DBs
+  record) or a local folder (utils/tokenizer.py). Default: the ``toker`` recorded in
+  ``train_db/meta.json``. It is resolved at start-up, so a missing tokenizer stops the run before
+  training rather than at the first validation, and stored in hps.json as given, where
+  ``inf_tvc.py`` finds it.
 - Resume: upstream TVC had no restorer; the engine's exact resume works here too
   (``--save_steps``, default 500, writes the training state; ``--resume`` continues it). The
   output-dir policy is the engine's: a folder that already holds a run is refused unless
@@ -58,7 +61,7 @@ from utils.entry import run_training
 from utils.errors import run_main
 from utils.logger import TB_LOGGER
 from utils.save import atomic_write_text
-from utils.tokenizer import load_toker
+from utils.tokenizer import load_toker, resolve_toker
 
 LOGGER = logging.getLogger(__name__)
 TASK = "tvc"
@@ -68,7 +71,8 @@ TVC_DEFAULTS = dict(optim="adamw", weight_decay=0.01, grad_norm=2.0, lr_mul=1.0,
 
 
 def caption_db_toker(db_dir) -> str | None:
-    """The tokenizer folder recorded in a caption DB's ``meta.json`` (``toker``/``tokenizer``)."""
+    """The tokenizer (name or folder) a caption DB's ``meta.json`` records (``toker``, else
+    ``tokenizer``)."""
     meta = Path(str(db_dir)) / "meta.json"
     if not meta.is_file():
         return None
@@ -109,7 +113,7 @@ class TvcTask(TrainTask):
     restore_before_validation = False
     final_ckpt_suffix = None
     path_flags = ("model_config", "checkpoint", "sub_txt_db", "vfeat_db", "train_db", "val_db",
-                  "val_ref", "toker")
+                  "val_ref")  # --toker may be a model name: resolve_toker checks it
     required_keys = ("model_config", "sub_txt_db", "vfeat_db", "train_db", "val_db", "val_ref")
 
     def __init__(self, opts):
@@ -191,7 +195,9 @@ def build_parser():
                    help="captions sampled per training video (-1 = all)")
     p.add_argument("--lsr", type=float, default=0.1, help="label smoothing")
     p.add_argument("--toker", type=str, default=None,
-                   help="local RoBERTa tokenizer folder (default: train_db/meta.json's toker)")
+                   help="RoBERTa tokenizer: a Hugging Face model name (roberta-base) or a local "
+                        "folder with vocab.json and merges.txt (default: train_db/meta.json's "
+                        "toker)")
     add_run_args(p)
     return p
 
@@ -201,11 +207,16 @@ def parse_args(argv=None):
     opts.checkpoint = opts.checkpoint or None
     opts.task = TASK
     opts.rank = int(os.environ.get("RANK", 0))
+    origin = "--toker"
     if not opts.toker and opts.train_db and os.path.isdir(opts.train_db):
         opts.toker = caption_db_toker(opts.train_db)
+        origin = f"toker (recorded in {opts.train_db}/meta.json; --toker overrides it)"
         if not opts.toker:
             raise ConfigError(f"{opts.train_db}/meta.json names no tokenizer ('toker'); pass "
-                              "--toker DIR (a local RoBERTa tokenizer folder)")
+                              "--toker roberta-base or --toker DIR (a local RoBERTa tokenizer "
+                              "folder)")
+    if opts.toker:
+        resolve_toker(opts.toker, origin)
     return opts
 
 

@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python scripts/prepro_didemo.py --ann_dir didemo --output_dir txt_db --ann_out ann/didemo \
-        --toker /path/to/roberta-base [--vid2nframe video_db/didemo/id2nframe.json]
+        --toker roberta-base [--vid2nframe video_db/didemo/id2nframe.json]
 
 Input: ``{ann_dir}/{train,val,test}_data.json``, lists of ``{"annotation_id", "description",
 "video", "times"}`` where ``times`` holds the annotators' ``[first, last]`` 5-second segment
@@ -50,7 +50,8 @@ from data.db import (  # noqa: E402
     write_meta,
 )
 from scripts.prepro_query import build_meta, make_record  # noqa: E402
-from utils.tokenizer import load_toker  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+from utils.tokenizer import TOKER_HELP, load_toker  # noqa: E402
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -142,8 +143,7 @@ def parse_args(argv=None):
     parser.add_argument("--ann_dir", required=True, help="folder with {split}_data.json")
     parser.add_argument("--output_dir", required=True, help="txt_db folder for didemo_*.db")
     parser.add_argument("--ann_out", required=True, help="folder for the converted jsonl files")
-    parser.add_argument("--toker", default="roberta-base",
-                        help="local tokenizer folder with vocab.json and merges.txt")
+    parser.add_argument("--toker", default="roberta-base", help=TOKER_HELP)
     parser.add_argument("--vid2nframe", default=None,
                         help="id2nframe.json of the DiDeMo video DB (durations, clipping)")
     parser.add_argument("--frame_length", type=float, default=1.5, help="seconds per frame")
@@ -157,4 +157,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python scripts/prepro_msrvtt.py --videodatainfo videodatainfo.json \
-        --output_dir txt_db --ann_out ann/msrvtt --toker /path/to/roberta-base \
+        --output_dir txt_db --ann_out ann/msrvtt --toker roberta-base \
         [--test_csv MSRVTT_JSFUSION_test.csv]
 
 Input: ``videodatainfo.json`` (``videos``: ``video_id``, ``split`` train|validate|test,
@@ -36,6 +36,8 @@ if __package__ in (None, ""):
 
 from data.db import read_json, write_json, write_jsonl  # noqa: E402
 from scripts import prepro_query  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+from utils.tokenizer import TOKER_HELP  # noqa: E402
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = {"train": "train", "validate": "val", "val": "val", "test": "test"}
@@ -106,8 +108,7 @@ def parse_args(argv=None):
     parser.add_argument("--test_csv", default=None, help="1k-A test csv (replaces test)")
     parser.add_argument("--output_dir", required=True, help="txt_db folder for msrvtt_*.db")
     parser.add_argument("--ann_out", required=True, help="folder for the converted jsonl files")
-    parser.add_argument("--toker", default="roberta-base",
-                        help="local tokenizer folder with vocab.json and merges.txt")
+    parser.add_argument("--toker", default="roberta-base", help=TOKER_HELP)
     return parser.parse_args(argv)
 
 
@@ -117,4 +118,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

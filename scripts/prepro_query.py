@@ -3,10 +3,11 @@
 Usage (from the repository root)::
 
     python scripts/prepro_query.py --annotation tvr_train_release.jsonl \
-        --output txt_db/tvr_train.db --toker /path/to/roberta-base --task tvr
+        --output txt_db/tvr_train.db --toker roberta-base --task tvr
 
-Differences from upstream, on purpose: ``--toker`` is a local tokenizer folder (nothing is
-downloaded) and the repository root is put on ``sys.path`` instead of upstream's ``/src``.
+``--toker`` is a Hugging Face model name read from the local cache, or a local tokenizer folder
+(utils/tokenizer.py). Difference from upstream, on purpose: the repository root is put on
+``sys.path`` instead of upstream's ``/src``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ from data.db import (  # noqa: E402
     write_jsonl,
     write_meta,
 )
-from utils.tokenizer import build_meta, load_toker, roberta_tokenize  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+from utils.tokenizer import (  # noqa: E402
+    TOKER_HELP,
+    build_meta,
+    load_toker,
+    roberta_tokenize,
+)
 
 ID_FIELD = {"tvr": "desc_id", "tvqa": "qid", "violin": "desc_id"}
 
@@ -86,8 +93,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--annotation", required=True, help="annotation jsonl")
     parser.add_argument("--output", required=True, help="output DB folder (must not exist)")
-    parser.add_argument("--toker", default="roberta-base",
-                        help="local tokenizer folder with vocab.json and merges.txt")
+    parser.add_argument("--toker", default="roberta-base", help=TOKER_HELP)
     parser.add_argument("--task", default="tvr", choices=sorted(ID_FIELD))
     return parser.parse_args(argv)
 
@@ -97,4 +103,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

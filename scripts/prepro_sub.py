@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python scripts/prepro_sub.py --annotation tv_subtitles.jsonl \
         --vid2nframe tv_vid2nframe.json --frame_length 1.5 \
-        --output txt_db/tv_subtitles.db --toker /path/to/roberta-base --task tv
+        --output txt_db/tv_subtitles.db --toker roberta-base --task tv
 
 Matching (reproduced exactly, quirks included): subtitle times are float32 and frame-unit
 bounds ``a = s / fl``, ``b = e / fl`` are computed in float32; candidate frames are
@@ -16,8 +16,8 @@ all-zero IoU assigns the frame to subtitle 0). Videos without subtitles get pseu
 
 Fixed upstream bugs: ``np.int`` (gone from numpy >= 1.24) is plain ``int``; the stats test
 ``previous_sub_idx > 0`` is ``>= 0``; the repository root replaces ``/src`` on ``sys.path``;
-``--toker`` is a local folder. ``sub_info.json`` holds per-video statistics only (it is never
-read back; its exact upstream layout is not specified).
+``--toker`` is a model name or a folder (utils/tokenizer.py). ``sub_info.json`` holds
+per-video statistics only (it is never read back; its exact upstream layout is not specified).
 """
 from __future__ import annotations
 
@@ -40,7 +40,13 @@ from data.db import (  # noqa: E402
     write_json,
     write_meta,
 )
-from utils.tokenizer import build_meta, load_toker, roberta_tokenize  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+from utils.tokenizer import (  # noqa: E402
+    TOKER_HELP,
+    build_meta,
+    load_toker,
+    roberta_tokenize,
+)
 
 EXTRA_LONG_SEC = 16
 EXTRA_LONG_KEEP = 11
@@ -212,8 +218,7 @@ def parse_args(argv=None):
     parser.add_argument("--vid2nframe", required=True, help="JSON {vid: n_frames}")
     parser.add_argument("--frame_length", type=float, default=1.5, help="seconds per frame")
     parser.add_argument("--output", required=True, help="output DB folder (must not exist)")
-    parser.add_argument("--toker", default="roberta-base",
-                        help="local tokenizer folder with vocab.json and merges.txt")
+    parser.add_argument("--toker", default="roberta-base", help=TOKER_HELP)
     parser.add_argument("--task", default="tv", help="dataset name (stored in meta.json)")
     return parser.parse_args(argv)
 
@@ -223,4 +228,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,11 +3,12 @@
 Usage (from the repository root)::
 
     python scripts/prepro_tvc.py --annotation tvc_train_release.jsonl \
-        --subtitles tv_subtitles.jsonl --output txt_db/tvc_train.db --toker /path/to/roberta-base
+        --subtitles tv_subtitles.jsonl --output txt_db/tvc_train.db --toker roberta-base
 
 Captions are tokenized as-is (no upper-case rule, no HTML unescaping). ``cap.db/id2len.json``
 is always ``{}`` as upstream writes it. Lines without ``descs`` (test_public) give clips with no
-captions. ``--toker`` is a local folder; the repository root replaces ``/src`` on ``sys.path``.
+captions. ``--toker`` is a model name or a folder (utils/tokenizer.py); the repository root
+replaces ``/src`` on ``sys.path``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ from data.db import (  # noqa: E402
     write_json,
     write_meta,
 )
-from utils.tokenizer import build_meta, load_toker, roberta_tokenize  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+from utils.tokenizer import (  # noqa: E402
+    TOKER_HELP,
+    build_meta,
+    load_toker,
+    roberta_tokenize,
+)
 
 
 def overlapping_subs(subs: list, ts) -> list:
@@ -99,8 +106,7 @@ def parse_args(argv=None):
     parser.add_argument("--annotation", required=True, help="TVC annotation jsonl")
     parser.add_argument("--subtitles", required=True, help="tvqa_preprocessed_subtitles.jsonl")
     parser.add_argument("--output", required=True, help="output DB folder (must not exist)")
-    parser.add_argument("--toker", default="roberta-base",
-                        help="local tokenizer folder with vocab.json and merges.txt")
+    parser.add_argument("--toker", default="roberta-base", help=TOKER_HELP)
     return parser.parse_args(argv)
 
 
@@ -109,4 +115,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python scripts/prepro_violin.py --annotation violin_annotation.json \
-        --output_dir txt_db --ann_out ann/violin --toker /path/to/roberta-base
+        --output_dir txt_db --ann_out ann/violin --toker roberta-base
 
 Input: ``{clip_key: {"file", "split", "statement": [[true, false], ...],
 "sub": [[text, start, end], ...], "span": [start, end], ...}}``.  Output: the statement jsonl
@@ -37,6 +37,8 @@ if __package__ in (None, ""):
 
 from data.db import write_jsonl  # noqa: E402
 from scripts import prepro_query  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+from utils.tokenizer import TOKER_HELP  # noqa: E402
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = {"train": "train", "val": "val", "validate": "val", "valid": "val", "test": "test"}
@@ -109,8 +111,7 @@ def parse_args(argv=None):
     parser.add_argument("--annotation", required=True, help="violin_annotation.json")
     parser.add_argument("--output_dir", required=True, help="txt_db folder for violin_*.db")
     parser.add_argument("--ann_out", required=True, help="folder for the converted jsonl files")
-    parser.add_argument("--toker", default="roberta-base",
-                        help="local tokenizer folder with vocab.json and merges.txt")
+    parser.add_argument("--toker", default="roberta-base", help=TOKER_HELP)
     parser.add_argument("--sub_clock", default="source", choices=("source", "clip"),
                         help="subtitle times in the source episode (shift by span[0]) or clip")
     return parser.parse_args(argv)
@@ -122,4 +123,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

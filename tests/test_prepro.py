@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import RobertaTokenizer
 
-from data.txt_db import CaptionTokLmdb, QaQueryTokLmdb, QueryTokLmdb, SubTokLmdb, TxtTokLmdb
+from data.txt_db import CaptionTokLmdb, QaQueryTokLmdb, QueryTokLmdb, SubTokLmdb
 from data.video_db import VideoFeatLmdb
 from scripts import (
     collect_video_feature_paths,
@@ -90,11 +88,6 @@ def test_toker_meta_special_ids(toker_dir, toker):
         "BOS": 0, "CLS": 0, "PAD": 1, "EOS": 2, "SEP": 2, "UNK": 3}
     assert meta["MASK"] == len(vocab) - 1
     assert meta["v_range"] == [vocab["."], vocab["<|endoftext|>"] + 1]
-
-
-def test_load_toker_refuses_non_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="roberta-base.*nothing is downloaded"):
-        load_toker("roberta-base")
 
 
 # ---------------------------------------------------------------- prepro_sub matching
@@ -404,36 +397,6 @@ def test_convert_videodb_existing_key_not_produced_raises(tmp_path, feature_dir)
     json.dump({"vA": 5, "vC": 4}, open(os.path.join(tv, "id2nframe.json"), "w"))
     with pytest.raises(KeyError, match="'vC'"):
         collect_and_convert(tmp_path, root)
-
-
-# ---------------------------------------------------------------- shell driver
-
-
-@pytest.mark.slow
-def test_create_txtdb_sh_end_to_end(tmp_path, toker_dir):
-    ann = tmp_path / "ann"
-    ann.mkdir()
-    for split in ("train", "val", "test_public"):
-        line = {"vid_name": "v1", "duration": 9.0, "ts": [0.0, 3.0], "desc": "She smiles.",
-                "type": "v", "desc_id": len(split)}
-        write_lines(ann / f"tvr_{split}_release.jsonl", [line])
-    write_lines(ann / "tv_subtitles.jsonl",
-                [{"vid_name": "v1", "sub": [{"text": "Hi.", "start": 0.0, "end": 2.0}]}])
-    (ann / "tv_vid2nframe.json").write_text(json.dumps({"v1": 6}))
-    (ann / "tvr_video2dur_idx.json").write_text(json.dumps({"train": {"v1": [9.0, 0]}}))
-    out = tmp_path / "txt_db"
-    script = os.path.join(ROOT, "scripts", "create_txtdb.sh")
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    subprocess.run(["bash", script, str(out), str(ann), toker_dir], check=True, env=env,
-                   capture_output=True)
-    assert QueryTokLmdb(str(out / "tvr_val.db"))["3"]["vid"] == "v1"
-    sub_db = SubTokLmdb(str(out / "tv_subtitles.db"), 100)
-    assert sub_db.vid2idx == {"train": {"v1": 0}}
-    assert TxtTokLmdb(str(out / "tvr_test_public.db")).ids == ["11"]
-    os.remove(ann / "tv_vid2nframe.json")
-    res = subprocess.run(["bash", script, str(tmp_path / "o2"), str(ann), toker_dir],
-                         env=env, capture_output=True, text=True)
-    assert res.returncode == 1 and "tv_vid2nframe.json" in res.stderr
 
 
 def test_convert_videodb_stores_other_widths_resnet_first(tmp_path, caplog):
