@@ -314,6 +314,7 @@ def load_roberta(model: HeroModel, state_dict, skip_layers: bool = True,
                           old_img.position_embeddings.num_embeddings)
     load_weights(fresh, sd, ROBERTA_OPTIONAL, f"F-TRM from {source}")
     fresh.to(device=v_enc.pad.device, dtype=v_enc.pad.dtype)
+    fresh.train(v_enc.training)  # a new module is in train mode: keep the model's mode
     v_enc.f_encoder = fresh
     pad_vocab(fresh)
     init_type_embedding(fresh)

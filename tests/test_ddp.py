@@ -4,14 +4,17 @@ Two ranks with one micro-batch each per update, gradients SUMMED over ranks, mus
 parameters as one process that sees the same two micro-batches in one accumulation cycle
 (gradients summed over micro-batches). With averaging over ranks the clipped update would differ.
 Two tasks exercise the broadcast task draw, ``find_unused_parameters`` and per-task positions.
+The second test adds accumulation (``no_sync``) and a gradient norm that clipping really cuts.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +57,31 @@ def test_two_rank_gloo_equals_single_process_sum_semantics(tmp_path):
     log = (ddp_out / "log" / "log.txt").read_text()
     assert "update 6/6" in log and "task b" in log and "task a" in log
     assert '"n_gpu": 2' in (ddp_out / "log" / "hps.json").read_text()
+
+
+def _grad_norms(run_dir):
+    lines = (run_dir / "log" / "metrics.jsonl").read_text().splitlines()
+    return [rec["grad_norm"] for rec in map(json.loads, lines) if "grad_norm" in rec]
+
+
+def test_two_rank_accumulation_with_active_clipping_equals_emulation(tmp_path):
+    """Accumulation 2 per rank (the first micro-batch under ``no_sync``) and a gradient norm
+    well above ``grad_norm``: 2 ranks x 2 micro-batches must equal one process summing the
+    same 4 micro-batches. Syncing every micro-batch would count the first one twice, and
+    averaging over ranks would halve the norm; with clipping active both change the weights."""
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    common = [*COMMON, "--toy_loss_mul", "1", "--num_train_steps", "4"]
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+          "2", SCRIPT, *common, "--gradient_accumulation_steps", "2",
+          "--output_dir", str(ddp_out)])
+    _run([sys.executable, SCRIPT, *common, "--gradient_accumulation_steps", "4",
+          "--toy_emulate_world", "2", "--output_dir", str(single_out)])
+    ddp_norms, single_norms = _grad_norms(ddp_out), _grad_norms(single_out)
+    assert len(ddp_norms) == 4 and min(ddp_norms) > 2 * 0.5  # clipping active at every update
+    assert ddp_norms == pytest.approx(single_norms, rel=1e-5)
+    ddp = torch.load(ddp_out / "final_params.pt")
+    single = torch.load(single_out / "final_params.pt")
+    assert ddp.keys() == single.keys()
+    for key in ddp:
+        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-5)
+    assert ddp["bias"].abs().max() > 1e-2  # training moved the weights (bias starts at 0)

@@ -8,8 +8,6 @@ import torch
 from helpers_model import make_mlm_batch, make_video_batch, small_config
 from torch import nn
 
-from model.config import BertConfig
-from model.encoder import CrossModalTrm
 from model.model import (
     FRAME_POS_KEY,
     HeroModel,
@@ -130,30 +128,87 @@ def test_gamma_beta_names_are_renamed():
     assert torch.equal(dst.state_dict()[ln], src.state_dict()[ln])
 
 
-def fake_hf_roberta(vocab=61, hidden=HID, layers=12, seed=7):
-    """A small dict in HuggingFace RobertaForMaskedLM layout (roberta.*, lm_head.*)."""
+HF_VOCAB = 61  # padded to 64 by load_roberta (vocab_pad 3), as 50265 -> 50272
+HF_BUFFERS = ("roberta.embeddings.position_ids", "roberta.embeddings.token_type_ids")
+
+
+def hf_roberta(layers=12, seed=7):
+    """A tiny transformers ``RobertaForMaskedLM`` (the real class, so real key names).
+
+    Every parameter is redrawn from N(0, 1): HF's init (zero biases, unit LayerNorms) equals
+    HERO's, so a tensor that was never loaded could not be told apart from a loaded one. The
+    layer LayerNorm eps is HERO's 1e-12 so a layer can be compared by its outputs.
+    """
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    config = RobertaConfig(vocab_size=HF_VOCAB, hidden_size=HID, num_hidden_layers=layers,
+                           num_attention_heads=4, intermediate_size=4 * HID,
+                           max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-12)
+    model = RobertaForMaskedLM(config).eval()
     gen = torch.Generator().manual_seed(seed)
-    cfg = small_config(hidden=hidden, vocab=vocab, type_vocab=1, f_layers=2)["f_config"]
-    donor = CrossModalTrm(BertConfig(**cfg), DV, 100)
-    layer = dict(donor.encoder.layer[0].state_dict())
-    sd = {f"roberta.embeddings.{k}": torch.randn(v.shape, generator=gen)
-          for k, v in donor.embeddings.state_dict().items()}
-    sd["roberta.embeddings.position_ids"] = torch.arange(514)[None]
-    for i in range(layers):
-        for k, v in layer.items():
-            sd[f"roberta.encoder.layer.{i}.{k}"] = torch.full(v.shape, float(i))
-    sd.update({"lm_head.dense.weight": torch.randn(hidden, hidden, generator=gen),
-               "lm_head.dense.bias": torch.randn(hidden, generator=gen),
-               "lm_head.layer_norm.weight": torch.randn(hidden, generator=gen),
-               "lm_head.layer_norm.bias": torch.randn(hidden, generator=gen),
-               "lm_head.bias": torch.randn(vocab, generator=gen),
-               "lm_head.decoder.weight": sd["roberta.embeddings.word_embeddings.weight"]})
-    return sd
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen))
+    return model
+
+
+def save_hf(model, directory, fmt):
+    """The file Hugging Face ships: ``pytorch_model.bin`` (``torch.save`` of the state dict,
+    tied duplicates included, as transformers < 5 and the hub's roberta-base have it) or
+    ``model.safetensors`` as ``save_pretrained`` writes it today (tied duplicates dropped;
+    the pinned torch's ``torch.load`` reads it)."""
+    if fmt == "bin":
+        path = directory / "pytorch_model.bin"
+        torch.save(model.state_dict(), path)
+        return path
+    model.save_pretrained(directory)
+    return directory / "model.safetensors"
+
+
+def expected_hero_key(hf_key, layer_map):
+    """Where HERO's F-TRM must hold an HF tensor, written from model.md §11.4 and the HF
+    names; ``None`` for what is dropped by design (skipped layers, HF's index buffers)."""
+    if hf_key in HF_BUFFERS:
+        return None
+    if hf_key.startswith("roberta.encoder.layer."):
+        parts = hf_key.split(".")
+        dst = layer_map.get(int(parts[3]))
+        return None if dst is None else ".".join(["encoder.layer", str(dst), *parts[4:]])
+    if hf_key.startswith("roberta."):
+        return hf_key[len("roberta."):]
+    renames = {"lm_head.layer_norm.weight": "lm_head.LayerNorm.weight",
+               "lm_head.layer_norm.bias": "lm_head.LayerNorm.bias",
+               "lm_head.decoder.bias": "lm_head.bias"}  # HF ties decoder.bias to lm_head.bias
+    return renames.get(hf_key, hf_key)
+
+
+def assert_loaded_key_by_key(hf_sd, f_enc, layer_map, with_head=True):
+    """Every HF tensor sits, unchanged, where HERO must hold it; every F-TRM entry that got
+    nothing is one model.md §11.4 leaves at init (frame embeddings, pooler, pad)."""
+    hero, covered = f_enc.state_dict(), set()
+    for key, src in hf_sd.items():
+        target = expected_hero_key(key, layer_map)
+        if target is None or (not with_head and target.startswith("lm_head.")):
+            continue
+        got = hero[target]
+        if target == "embeddings.token_type_embeddings.weight":
+            assert torch.equal(got[1], src[0]), key  # row 1 (the one used) copies row 0
+        elif got.shape[0] == f_enc.vocab_pad + HF_VOCAB and src.shape[0] == HF_VOCAB:
+            assert not got[HF_VOCAB:].any(), key  # padded vocab rows are zero
+        got = got[:src.shape[0]]
+        assert torch.equal(got, src), key
+        covered.add(target)
+    assert f_enc.lm_head.decoder.weight is f_enc.embeddings.word_embeddings.weight
+    covered.add("lm_head.decoder.weight")  # tied: absent from save_pretrained's file
+    at_init = {k for k in hero if k.startswith(("img_embeddings.", "pooler.")) or k == "pad"}
+    if not with_head:
+        at_init |= {k for k in hero if k.startswith("lm_head.")} - {"lm_head.decoder.weight"}
+    assert set(hero) - covered == at_init
 
 
 def pretrain_config(f_layers=2):
-    cfg = small_config(vocab=61, type_vocab=1, f_layers=f_layers)
-    cfg["q_config"]["vocab_size"] = 61
+    cfg = small_config(vocab=HF_VOCAB, type_vocab=1, f_layers=f_layers)
+    cfg["q_config"]["vocab_size"] = HF_VOCAB
     return cfg
 
 
@@ -168,42 +223,47 @@ def test_skip_layers_maps_every_second_roberta_layer():
 
 
 @torch.no_grad()
-def test_roberta_init_from_hf_layout():
-    sd = fake_hf_roberta()
-    model = load_roberta(build(cfg=pretrain_config()), sd, skip_layers=True)
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_roberta_init_from_transformers_checkpoint(tmp_path, fmt):
+    hf = hf_roberta()
+    path = save_hf(hf, tmp_path, fmt)
+    model = load_roberta(build(cfg=pretrain_config()).eval(), path, skip_layers=True)
+    assert not model.v_encoder.f_encoder.training  # the fresh F-TRM keeps the model's mode
     f_enc = model.v_encoder.f_encoder
-    word = f_enc.embeddings.word_embeddings.weight
-    assert word.shape == (64, HID) and f_enc.vocab_pad == 3
-    assert torch.equal(word[:61], sd["roberta.embeddings.word_embeddings.weight"])
-    assert torch.all(word[61:] == 0) and torch.all(f_enc.lm_head.bias[61:] == 0)
-    assert f_enc.lm_head.decoder.weight is word
-    assert torch.equal(f_enc.lm_head.bias[:61], sd["lm_head.bias"])
-    assert torch.equal(f_enc.lm_head.LayerNorm.weight, sd["lm_head.layer_norm.weight"])
-    types = f_enc.embeddings.token_type_embeddings.weight
-    row0 = sd["roberta.embeddings.token_type_embeddings.weight"][0]
-    assert types.shape == (2, HID) and torch.equal(types[0], row0) and torch.equal(types[1], row0)
-    assert torch.all(f_enc.encoder.layer[0].output.dense.weight == 5)  # gap 6: layers 5, 11
-    assert torch.all(f_enc.encoder.layer[1].output.dense.weight == 11)
+    assert f_enc.embeddings.word_embeddings.weight.shape == (64, HID) and f_enc.vocab_pad == 3
+    assert f_enc.embeddings.token_type_embeddings.weight.shape == (2, HID)
+    layer_map = {5: 0, 11: 1}  # 2 HERO layers: gap 6, RoBERTa layers 5 and 11
+    assert_loaded_key_by_key(hf.state_dict(), f_enc, layer_map)
+    # the same computation, not only the same names (Q/K/V and both LayerNorms in place)
+    hidden = torch.randn(2, 5, HID, generator=torch.Generator().manual_seed(0))
+    mask = (1.0 - torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))[:, None, None] * -1e4
+    for src, dst in layer_map.items():
+        out = hf.roberta.encoder.layer[src](hidden, attention_mask=mask)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(f_enc.encoder.layer[dst](hidden, mask), out, rtol=0, atol=0)
+    # HERO's head LayerNorm eps is 1e-5 where this HF config has 1e-12 (model.md §15.1)
+    torch.testing.assert_close(f_enc.lm_head(hidden)[..., :HF_VOCAB], hf.lm_head(hidden),
+                               rtol=0, atol=1e-4)
     assert torch.all(model.v_encoder.mask_embedding.weight[0] == 0)
     assert f_enc.img_embeddings.mask_embedding.weight[0].abs().sum() > 0
-    logits = model(make_mlm_batch(vfeat_dim=DV, vocab_size=61), "mlm", compute_loss=False)
-    assert logits.shape[1] == 61  # the 3 padded columns are sliced off
+    logits = model(make_mlm_batch(vfeat_dim=DV, vocab_size=HF_VOCAB), "mlm", compute_loss=False)
+    assert logits.shape[1] == HF_VOCAB  # the 3 padded columns are sliced off
 
 
 def test_roberta_model_checkpoint_loads_as_finetune_size(tmp_path):
-    pre = load_roberta(build(cfg=pretrain_config()), fake_hf_roberta())
+    pre = load_roberta(build(cfg=pretrain_config()), hf_roberta().state_dict())
     path = tmp_path / "pretrained.pt"
     torch.save(checkpoint(pre), path)
     tuned = HeroModel.from_pretrained(small_config(vocab=64), path, vfeat_dim=DV).eval()
-    batch = make_video_batch(vfeat_dim=DV, vocab_size=61)
+    batch = make_video_batch(vfeat_dim=DV, vocab_size=HF_VOCAB)
     torch.testing.assert_close(tuned(batch, "repr"), pre.eval()(batch, "repr"), rtol=0, atol=0)
 
 
 def test_roberta_init_without_skip_and_bad_files():
-    sd = fake_hf_roberta(layers=2)
+    sd = hf_roberta(layers=2).state_dict()
     model = load_roberta(build(cfg=pretrain_config()), sd, skip_layers=False, hf_lm_head=False)
     f_enc = model.v_encoder.f_encoder
-    assert torch.all(f_enc.encoder.layer[1].output.dense.weight == 1)
+    assert_loaded_key_by_key(sd, f_enc, {0: 0, 1: 1}, with_head=False)
     assert not torch.equal(f_enc.lm_head.dense.weight, sd["lm_head.dense.weight"])
     with pytest.raises(KeyError, match="no 'roberta"):
         load_roberta(build(cfg=pretrain_config()), {"encoder.x": torch.zeros(1)})

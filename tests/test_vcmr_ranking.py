@@ -1,11 +1,22 @@
-"""Vectorised vs reference full-corpus ranking (eval/vcmr_ranking.py) and corpus encoding."""
+"""Full-corpus ranking (eval/vcmr_ranking.py) against an independent loop reference written
+here from training.md §5.1-§5.2, its own ``impl="reference"``, and corpus encoding.
+
+Tie order (the rule the fast path documents and the loop reference implements on its own):
+equal video scores keep the lower local video index; equal VCMR span scores keep the lower
+(video rank k, i, j), k being the video's position in the VR list; equal SVMR scores keep the
+lower (i, j). Only spans inside the length window are candidates (the list is shorter instead of
+padded with out-of-window zeros, a documented deviation).
+"""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from eval.nms import nms_vcmr_predictions
 from eval.vcmr_ranking import (
     encode_video_corpus,
     rank_batch,
@@ -146,3 +157,142 @@ def test_encode_video_corpus_errors():
         encode_video_corpus(model, ListLoader(batches[::-1], vids), torch.device("cpu"), 10)
     with pytest.raises(ValueError, match="max_clip_len"):
         encode_video_corpus(model, ListLoader(batches, vids), torch.device("cpu"), 3)
+
+
+# ------------------------------------------------------------------ independent loop reference
+def f32(x: float) -> float:
+    """Round a Python float to float32 (round to nearest even), as fp32 arithmetic does. The
+    product of two float32 values is exact in float64, so ``f32(a * b)`` is fp32's a·b."""
+    return float(np.float32(x))
+
+
+def ref_exp(s: float, alpha: float) -> float:
+    """e = exp(α·s) in fp32 (§5.1 B5), with Python's exp rounded to float32."""
+    return f32(math.exp(f32(alpha * s)))
+
+
+def loop_reference(c, scores, p_st, p_ed, gt):
+    """VR / VCMR / SVMR lists of every query with nothing but Python loops and sorts."""
+    out = {"VR": [], "VCMR": [], "SVMR": []}
+    for q in range(len(p_st)):
+        n_v, length = len(p_st[q]), len(p_st[q][0])
+        e = [ref_exp(s, c.alpha) if c.use_exp else s for s in scores[q]]
+        videos = sorted(range(n_v), key=lambda v: (-e[v], v))[:c.k_videos]
+        out["VR"].append([(v, e[v]) for v in videos])
+        cands = []
+        for k, v in enumerate(videos):
+            for i in range(length):
+                st_e = f32(p_st[q][v][i] * e[v])  # (p_st · e) · p_ed, left to right
+                for j in range(i + c.min_l, min(i + c.max_l, length)):
+                    cands.append((f32(st_e * p_ed[q][v][j]), k, i, j, v))
+        cands.sort(key=lambda t: (-t[0], t[1], t[2], t[3]))
+        out["VCMR"].append([(v, i, j, sc) for sc, _, i, j, v in cands[:c.max_before_nms]])
+        spans = []
+        if gt[q] >= 0:
+            st, ed = p_st[q][gt[q]], p_ed[q][gt[q]]
+            spans = sorted(((f32(st[i] * ed[j]), i, j) for i in range(length)
+                            for j in range(i + c.min_l, min(i + c.max_l, length))),
+                           key=lambda t: (-t[0], t[1], t[2]))
+        out["SVMR"].append([(i, j, sc) for sc, i, j in spans[:c.max_before_nms]])
+    return out
+
+
+def loop_vcmr_nms(preds, thd, max_after=100):
+    """§5.2 VCMR NMS on ``[v, st, ed, score]`` rows: per video in order of first appearance,
+    greedy suppression of IoU > thd, then all survivors by score (ties keep their order)."""
+    def iou(a, b):
+        hull = max(a[1], b[1]) - min(a[0], b[0])
+        return max(0.0, min(a[1], b[1]) - max(a[0], b[0])) / hull if hull > 0 else 0.0
+
+    order, groups = [], {}
+    for row in preds:
+        if row[0] not in groups:
+            order.append(row[0])
+        groups.setdefault(row[0], []).append(row)
+    kept = []
+    for vid in order:
+        rest = sorted(groups[vid], key=lambda r: -r[3])
+        if len(rest) == 1:
+            kept += rest
+            continue
+        mine = []
+        while len(rest) > 1 and len(mine) < max_after:
+            best, rest = rest[0], [r for r in rest[1:] if iou(rest[0][1:3], r[1:3]) <= thd]
+            mine.append(best)
+        kept += mine + (rest if len(rest) == 1 and len(mine) < max_after else [])
+    return sorted(kept, key=lambda r: -r[3])[:max_after]
+
+
+def exp_exact_scores(n_q, n_v, gen, alpha):
+    """Video scores on which torch's fp32 exp equals the correctly rounded one.
+
+    torch's float32 exp is off by one ulp on ~1% of inputs; such an e would reorder two
+    near-equal spans and the comparison would test exp, not the ranking. Those draws are
+    skipped; the values stay random.
+    """
+    draws = torch.rand(4 * n_q * n_v, generator=gen) * 2 - 1
+    ok = [float(s) for s, e in zip(draws, torch.exp(alpha * draws))
+          if ref_exp(float(s), alpha) == float(e)]
+    return torch.tensor(ok[:n_q * n_v]).view(n_q, n_v)
+
+
+def tied_inputs(n_q, n_v, length, k_videos, seed, alpha=20.0, grid=32):
+    """Random inputs full of exact ties: probabilities on a 1/grid grid (repeated values and
+    products inside a video), zero-probability padded frames, a twin of each query's best
+    video (its whole span list ties across two videos), equal video scores at the top-k
+    boundary (the lower video index gets in)."""
+    gen = torch.Generator().manual_seed(seed)
+    p_st, p_ed = (torch.randint(0, grid // 2, (n_q, n_v, length), generator=gen).float() / grid
+                  for _ in range(2))
+    scores = exp_exact_scores(n_q, n_v, gen, alpha)
+    lengths = torch.randint(1, length + 1, (n_q, n_v), generator=gen)
+    lengths[torch.arange(n_q), scores.argmax(1)] = length
+    frame_ok = (torch.arange(length) < lengths[..., None]).float()
+    p_st, p_ed = p_st * frame_ok, p_ed * frame_ok
+    for q in range(n_q):
+        top, twin = int(scores[q].argmax()), int(scores[q].argmin())
+        for t in (scores, p_st, p_ed):
+            t[q, twin] = t[q, top]
+        order = torch.sort(scores[q], descending=True).indices
+        if k_videos < n_v:
+            scores[q, order[k_videos]] = scores[q, order[k_videos - 1]]
+    gt = torch.randint(-1, n_v, (n_q,), generator=gen)
+    return scores, p_st, p_ed, gt
+
+
+@pytest.mark.parametrize("n_q,n_v,length,k_videos,min_l,max_l,nms_cut,seed", [
+    (4, 30, 24, 8, 2, 16, 40, 0),  # top-8 of 30 with a tie at the 8th place
+    (3, 5, 12, 100, 2, 16, 200, 1),  # corpus < max_vcmr_video; L < max_pred_l
+    (2, 4, 2, 100, 2, 16, 200, 2),  # L <= min_pred_l: no span at all
+    (3, 12, 20, 6, 3, 6, 30, 3),  # DiDeMo VO window
+    (2, 100, 100, 100, 2, 16, 200, 4),  # TVR sizes
+])
+def test_fast_path_equals_loop_reference_with_ties(n_q, n_v, length, k_videos, min_l, max_l,
+                                                   nms_cut, seed):
+    c = cfg(k_videos=k_videos, min_l=min_l, max_l=max_l, max_before_nms=nms_cut)
+    scores, p_st, p_ed, gt = tied_inputs(n_q, n_v, length, k_videos, seed)
+    fast = rank_batch(c, scores, p_st, p_ed, gt, "fast")
+    ref = loop_reference(c, scores.tolist(), p_st.tolist(), p_ed.tolist(), gt.tolist())
+    assert fast == ref
+    for q, rows in enumerate(fast["VCMR"]):  # the ties are really there
+        videos_of = {}
+        for v, _, _, score in rows:
+            videos_of.setdefault(score, set()).add(v)
+        assert length <= min_l or max(map(len, videos_of.values())) > 1  # across videos
+        assert length <= min_l or len({(r[0], r[3]) for r in rows}) < len(rows)  # and within
+        if k_videos < n_v:
+            kept = dict(fast["VR"][q])
+            last_v, last_e = fast["VR"][q][-1]
+            cut = [v for v in range(n_v) if v not in kept
+                   and ref_exp(float(scores[q, v]), c.alpha) == last_e]
+            assert cut and min(cut) > last_v  # tie at the cut: the lower index got in
+    for rows in fast["VCMR"]:
+        preds = [[v, i * 1.5, (j + 1) * 1.5, sc] for v, i, j, sc in rows][:100]
+        assert nms_vcmr_predictions(preds, 0.5, 200) == loop_vcmr_nms(preds, 0.5)
+
+
+def test_loop_reference_vr_without_exp():
+    scores, p_st, p_ed, gt = tied_inputs(3, 9, 6, 4, 5)
+    c = cfg(use_exp=False, k_videos=4)
+    assert rank_batch(c, scores)["VR"] == loop_reference(c, scores.tolist(), p_st.tolist(),
+                                                         p_ed.tolist(), gt.tolist())["VR"]
