@@ -12,7 +12,8 @@ Workloads, each with every ``--model_attn_impls`` path (``sdpa`` fast, ``math`` 
   per clip with the key/value cache and with upstream's full recompute per step. The clip
   memory is encoded once beforehand, so only the decoding loop is timed.
 
-Precision: fp32 on CPU, bf16 autocast on CUDA (``--model_precision`` overrides). Memory is the
+Precision: fp32 on CPU, bf16 autocast on CUDA (``--model_precision`` overrides; ``fp16`` is
+autocast float16, timed without a loss scaler since no update is applied). Memory is the
 peak during the timed iterations: CUDA ``max_memory_allocated``; CPU the process peak RSS
 (``VmHWM``, reset through ``/proc/self/clear_refs`` where the kernel allows it, else the
 lifetime peak, flagged by the figure name ``peak_rss_lifetime``). FLOPs are counted once per
@@ -60,8 +61,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TRAIN_WORKLOADS + GREEDY_WORKLOADS)
     add("--model_attn_impls", nargs="+", default=["sdpa", "math"], choices=["sdpa", "math"])
     add("--model_device", default=None, help="cpu or cuda (default: cuda when available)")
-    add("--model_precision", default=None, choices=["fp32", "bf16"],
-        help="default: bf16 autocast on CUDA, fp32 on CPU")
+    add("--model_precision", default=None, choices=["fp32", "bf16", "fp16"],
+        help="default: bf16 autocast on CUDA, fp32 on CPU (fp16: autocast, no loss scaling: "
+             "the step is timed, not applied)")
     add("--model_videos", type=int, default=None, help="videos per batch (default 8 CUDA, 2 CPU)")
     add("--model_frames", type=int, default=60, help="frames per video")
     add("--model_subs", type=int, default=10, help="subtitle segments per video")
@@ -97,9 +99,10 @@ def device_label(device: torch.device) -> str:
 
 
 def peak_tflops(label: str, precision: str) -> float | None:
+    """Dense peak of the device; fp16 tensor cores peak as bf16 on every GPU listed."""
     for fragment, peaks in PEAK_TFLOPS:
         if fragment in label:
-            return peaks[precision]
+            return peaks["bf16" if precision == "fp16" else precision]
     return None
 
 
@@ -275,12 +278,12 @@ def figure(name: str, value: float, unit: str, device: str) -> dict:
 def bench_workload(workload, model, batch, opts, device, precision) -> tuple[list, dict]:
     """Figures of one workload for every attention path; also returns {impl: seconds}."""
     label = device_label(device)
-    use_bf16 = precision == "bf16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def autocast():
-        if not use_bf16:
+        if dtype is None:
             return nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=dtype)
     step = make_step(workload, model, batch, opts, autocast)
     flops = count_flops(step, model)
     peak = peak_tflops(label, precision) if device.type == "cuda" else None
