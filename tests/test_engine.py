@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,8 @@ class ToyTask(TrainTask):
         if kill_at and update == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         self._maybe_signal(update)
+        if update == int(os.environ.get("TOY_HANG_AT", "0")):
+            time.sleep(600)  # a stuck update (e.g. a collective whose peer is gone)
         loss = model(batch, task) * self.opts.toy_loss_mul
         if update == int(os.environ.get("TOY_NAN_GRAD_AT", "0")):
             # finite loss (adds 0), NaN gradient: d sqrt(0 * b) / db = 0 * inf

@@ -181,3 +181,13 @@ def test_torchrun_ranks_stop_at_the_same_update(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = torch.load(full / "final_params.pt"), torch.load(cut / "final_params.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stuck_stop_gives_up_after_the_grace_period(tmp_path):
+    """SIGTERM, then the update never finishes (as when a peer rank has died): the watchdog
+    exits with 128 + SIGTERM after HERO_STOP_GRACE_S, saying why, instead of hanging."""
+    out = tmp_path / "run"
+    proc = _run(out, env=_env(TOY_SIGNAL_AT=7, TOY_HANG_AT=7, HERO_STOP_GRACE_S=2))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert "did not stop within 2 s (HERO_STOP_GRACE_S)" in proc.stderr
+    assert not (out / "ckpt" / "train_state_7.pt").exists()

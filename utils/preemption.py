@@ -6,7 +6,11 @@ the flag with every rank (so all ranks stop after the same update and the saved 
 consistent), saves a full training state and exits with ``128 + signal``. A second signal
 restores the default action and re-delivers itself, so the process exits at once.
 
-The flag is checked between updates only: a long validation runs to its end first.
+The flag is checked between updates only: a long validation runs to its end first. The first
+signal also arms a watchdog: if the process has not stopped ``HERO_STOP_GRACE_S`` seconds later
+(default 600; e.g. a peer rank died, so the agreeing all-reduce can never complete), it exits
+with ``128 + signal`` without saving, naming why, instead of hanging until the process-group
+timeout. The newest periodic training state is then what a re-run resumes from.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 
 LOGGER = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -26,6 +31,7 @@ class StopRequest:
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict = {}
+        self._watchdog: threading.Timer | None = None
 
     def install(self) -> None:
         """Handlers can only be set from the main thread; elsewhere (e.g. a test runner's
@@ -40,6 +46,8 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
     @property
     def requested(self) -> bool:
@@ -51,9 +59,21 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        grace = float(os.environ.get("HERO_STOP_GRACE_S", "600"))
         LOGGER.warning("%s received: finishing the current update, then saving a training "
-                       "state (send it again to exit at once without saving)",
-                       signal.Signals(signum).name)
+                       "state (send it again to exit at once without saving; gives up after "
+                       "%g s)", signal.Signals(signum).name, grace)
+        self._watchdog = threading.Timer(grace, self._give_up, (signum, grace))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    @staticmethod
+    def _give_up(signum: int, grace: float) -> None:
+        LOGGER.error("%s: the run did not stop within %g s (HERO_STOP_GRACE_S); a peer rank may "
+                     "be gone or the update is stuck. Exiting without saving: a re-run resumes "
+                     "from the newest periodic training state", signal.Signals(signum).name, grace)
+        logging.shutdown()
+        os._exit(128 + signum)
 
 
 def resume_command(world_size: int, overwrite: bool = False) -> str:
