@@ -173,6 +173,11 @@ class PretrainTask(TrainTask):
         if opts.train_span_start_step != -1 and global_step >= opts.train_span_start_step:
             model.set_train_st_ed(opts.lw_st_ed)
 
+    def all_gathers(self, model, task: str) -> bool:
+        """VSM's ranking losses score every query against all ranks' videos (model.md §8.4)."""
+        model = unwrap_model(model)
+        return model_task(task) == "vsm" and model.use_video_scores and model.gather_gpus
+
     def compute_loss(self, model, task: str, batch):
         kind = model_task(task)
         out = model(batch, task=kind, compute_loss=True)

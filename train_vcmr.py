@@ -164,6 +164,11 @@ class VcmrTask(TrainTask):
         if span_start != -1 and global_step >= span_start:
             model.set_train_st_ed(opts.lw_st_ed)
 
+    def all_gathers(self, model, task: str) -> bool:
+        """The ranking losses score every query against all ranks' videos (model.md §9.1)."""
+        model = unwrap_model(model)
+        return model.use_video_scores and model.gather_gpus
+
     def term_weights(self, model) -> tuple:
         return model.lw_st_ed, model.lw_neg_ctx, model.lw_neg_q
 

@@ -119,6 +119,9 @@ class SharedConfigs:
         add_bool(p, "pin_mem")
         add_bool(p, "fp16", help="torch.amp autocast fp16 + GradScaler")
         add_bool(p, "bf16", help="torch.amp autocast bf16 (no scaler)")
+        p.add_argument("--virtual_world_size", type=int, default=None,
+                       help="compute what this many ranks would (each process plays N/W "
+                       "of them, one after another); default: the number of processes")
         p.add_argument("--config", type=str, default=None, help="JSON config file")
 
     def _vsm_args(self) -> None:

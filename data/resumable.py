@@ -32,7 +32,7 @@ from data.loader import (
     prepare_worker_signals,
     shutdown_workers,
 )
-from utils.distributed import get_rank
+from utils.distributed import data_rank
 
 
 def item_seed(*parts) -> int:
@@ -72,7 +72,7 @@ class SeededItems(Dataset):
 
     def __init__(self, dataset, seed: int, name: str = "", rank: int | None = None):
         self.dataset, self.seed, self.name = dataset, seed, name
-        self.rank = get_rank() if rank is None else rank
+        self.rank = data_rank()[0] if rank is None else rank
 
     def __len__(self):
         return len(self.dataset)

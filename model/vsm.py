@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import mask_logits
-from utils.distributed import all_gather_object, all_gather_with_grad, is_distributed
+from utils.distributed import (
+    all_gather_object,
+    all_gather_with_grad,
+    gather_override,
+    is_distributed,
+)
 
 NORM_EPS = 1e-5  # F.normalize eps of the video-level cosine scores (model.md §1)
 POS_FILL = 999.0  # value written over owned (query, video) pairs before sorting (§8.5)
@@ -76,7 +81,12 @@ def gather_for_scoring(query_norm, frames_norm, c_mask):
     """Pad frames/masks to the global max length, then all-gather all three along dim 0.
 
     Identity with one process. Backward of the gather returns only this rank's gradient slice.
+    Under ``--virtual_world_size`` the override of :mod:`utils.virtual_gather` gathers the
+    virtual ranks instead, with the same semantics.
     """
+    override = gather_override()
+    if override is not None:
+        return override(query_norm, frames_norm, c_mask)
     if not is_distributed():
         return query_norm, frames_norm, c_mask
     c_mask = c_mask.to(frames_norm.dtype)  # bool/int masks cannot always be padded/gathered

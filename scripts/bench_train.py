@@ -58,7 +58,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class ReplayLoader:
-    """Yields cached ``(task, batch)`` pairs forever with MetaLoader's ``step`` counter."""
+    """Yields cached ``(task, [batch])`` items forever with MetaLoader's ``step`` counter."""
 
     def __init__(self, items):
         self.items, self.step = list(items), 0
@@ -202,6 +202,7 @@ def measure(trainer, opts) -> dict:
     loop_s = engine_updates(trainer, opts.train_steps * opts.train_rounds)
     cached = list(islice(iter(trainer.meta_loader), opts.train_steps * accum))
     trainer.meta_loader = ReplayLoader(cached)
+    cached = [(name, batches[0]) for name, batches in cached]  # one rank: one batch each
     pure_round(trainer, cached)  # untimed: first pass over these shapes, grads allocated
     engine_updates(trainer, opts.train_steps)
     snapshot = Snapshot(trainer)

@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python scripts/benchmark.py model [--model_videos 8] [--model_iters 10] [...]
     python scripts/benchmark.py tvc [--corpus DBS --toker DIR] [--tvc_config FILE] [...]
     python scripts/benchmark.py extract [--extract_seconds 6] [--extract_workers 0 2] [...]
+    python scripts/benchmark.py virtual [--virtual_n 2] [--virtual_task vsm] [...]
     python scripts/benchmark.py all  [...]
 
 Every line is ``{"figure": str, "value": float, "unit": str, "device": str}``.
@@ -275,6 +276,22 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def bench_train(opts) -> list:
     from scripts.bench_train import run_train_bench
     return run_train_bench(opts, corpus_dir, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# virtual (--virtual_world_size N on one process vs N processes; code in scripts/bench_virtual.py)
+# ---------------------------------------------------------------------------------------------
+def _add_virtual_arguments(parser: argparse.ArgumentParser) -> None:
+    from scripts.bench_virtual import add_virtual_arguments
+    add_corpus_arguments(parser)
+    add_virtual_arguments(parser)
+
+
+@register("virtual", "--virtual_world_size N on 1 process vs N processes and vs a plain "
+          "1-process run: seconds per update and peak memory", _add_virtual_arguments)
+def bench_virtual(opts) -> list:
+    from scripts.bench_virtual import run_virtual_bench
+    return run_virtual_bench(opts, corpus_dir, result)
 
 
 # ---------------------------------------------------------------------------------------------

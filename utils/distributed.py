@@ -1,8 +1,13 @@
 """Rank helpers over ``torch.distributed`` (replacing upstream's Horovod calls).
 
 Everything works without an initialised process group: rank 0 of a world of 1.
+:func:`as_data_rank` lets one process build the datasets of another rank of a larger world
+(``--virtual_world_size``, :mod:`utils.virtual_world`): :func:`shard` and :func:`data_rank`
+follow it, while the communication helpers keep using the real process group.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -20,10 +25,29 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+_DATA_RANK: list = []  # (rank, world_size) overrides, innermost last
+
+
+@contextlib.contextmanager
+def as_data_rank(rank: int, world_size: int):
+    """Build datasets as rank ``rank`` of ``world_size`` would (data sharding and item seeds
+    only; collectives still see the real process group)."""
+    _DATA_RANK.append((rank, world_size))
+    try:
+        yield
+    finally:
+        _DATA_RANK.pop()
+
+
+def data_rank() -> tuple[int, int]:
+    """(rank, world size) whose data shard this process builds now (data.md §11.2)."""
+    return _DATA_RANK[-1] if _DATA_RANK else (get_rank(), get_world_size())
+
+
 def shard(items, rank: int | None = None, world_size: int | None = None) -> list:
     """Keep ``items[rank::world_size]`` as upstream's datasets do (data.md §11.2)."""
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
+    rank = data_rank()[0] if rank is None else rank
+    world_size = data_rank()[1] if world_size is None else world_size
     return list(items)[rank::world_size]
 
 
@@ -69,6 +93,25 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return grad_output[ctx.start:ctx.stop]
+
+
+_GATHER_OVERRIDE: list = []  # innermost last
+
+
+@contextlib.contextmanager
+def overriding_gather(fn):
+    """Route the VSM embedding all-gather (``model.vsm.gather_for_scoring``) through
+    ``fn(query_norm, frames_norm, c_mask)`` (virtual ranks, :mod:`utils.virtual_gather`)."""
+    _GATHER_OVERRIDE.append(fn)
+    try:
+        yield
+    finally:
+        _GATHER_OVERRIDE.pop()
+
+
+def gather_override():
+    """The active override of the VSM embedding all-gather, or ``None``."""
+    return _GATHER_OVERRIDE[-1] if _GATHER_OVERRIDE else None
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,12 @@ before the LR is computed, and the LR is written into all 4 groups every update,
 a parameter that has received a gradient once keeps being stepped by Adam on later updates of
 other tasks (its moments decay), which changes multi-task pretraining numbers if not reproduced.
 
+Virtual ranks (issue 16). ``--virtual_world_size N`` with W processes: each process plays
+N/W ranks of an N-process run in turn (their shards, RNG streams, task draw, summed gradients,
+VSM gather over all N); the machinery is in :mod:`utils.virtual_world` and
+:mod:`utils.virtual_gather`, the loop only runs every local rank's micro-batch. ``n_gpu`` stays
+the number of processes; both sizes are in ``hps.json``.
+
 Mixed precision. ``--fp16``: ``torch.autocast(float16)`` plus one ``torch.amp.GradScaler`` per
 training task (upstream's ``num_losses``; apex defaults: scale 2^16, halve and skip on inf/NaN,
 double after 2000 clean steps); skipped updates are counted and logged. ``--bf16``: autocast
@@ -75,7 +81,6 @@ from config.config import (
     config_warnings,
     describe_origin,
 )
-from data.loader import MetaLoader
 from data.resumable import load_loaders_state, loaders_state_dict
 from model.layers import set_dropout
 from optim.misc import build_optimizer
@@ -102,6 +107,7 @@ from utils.save import (
     save_training_state,
     set_rng_state,
 )
+from utils.virtual_world import VirtualMetaLoader, VirtualWorld, resolve_virtual_world_size
 
 LOGGER = logging.getLogger(__name__)
 KEEP_TRAIN_STATES = 2
@@ -178,6 +184,11 @@ class TrainTask:
 
     def schedule(self, model, global_step: int) -> None:
         """Schedule switches, called before every micro-batch (§3.8 step 1)."""
+
+    def all_gathers(self, model, task: str) -> bool:
+        """Whether training task ``task``'s loss all-gathers across ranks (the VSM ranking
+        losses, model.md §8.4): ``--virtual_world_size`` then gathers the virtual ranks too."""
+        return False
 
     def validate(self, model, global_step: int, final: bool = False) -> dict:
         """TensorBoard key -> value; runs on every rank with the model in eval mode."""
@@ -321,14 +332,15 @@ class Trainer:
             self._run_dir.log_notes()  # what claiming the folder did, now also in log.txt
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, opts)
-        self.name2loader = self._build_loaders()
+        rank_loaders = self._build_loaders()
+        self.world.note_validation(self.task, self.model, rank_loaders[0])
         self.scalers = self._build_scalers()
         state = self._load_state(resume_path) if resume_path else None
         save_training_meta(opts, opts.output_dir)
         self.saver = ModelSaver(Path(opts.output_dir) / "ckpt")
         self.ddp = wrap_model(self.model, self.ctx, self.task.find_unused_parameters)
-        self.meta_loader = MetaLoader(self.name2loader, opts.gradient_accumulation_steps,
-                                      distributed=self.ctx.distributed)
+        self.meta_loader = VirtualMetaLoader(rank_loaders, opts.gradient_accumulation_steps,
+                                             self.world, distributed=self.ctx.distributed)
         if state is not None:
             self._restore_data_and_rng(state)
         return True
@@ -341,6 +353,8 @@ class Trainer:
         for key in ("resume", "overwrite"):
             setattr(opts, key, bool(getattr(opts, key, False)))
         check_required_paths(self.task.required_paths(), opts)
+        size = resolve_virtual_world_size(opts, self.ctx.world_size)
+        self.world = VirtualWorld(size, self.ctx.rank, self.ctx.world_size)
 
     def _plan_output_dir(self) -> Path | None:
         """Rank 0 locks ``output_dir`` and applies the policy (:mod:`utils.run_dir`); every
@@ -395,19 +409,22 @@ class Trainer:
         set_dropout(model, self.opts.dropout)
         return model
 
-    def _build_loaders(self) -> dict:
-        loaders = self.task.build_train_loaders()
-        name2loader, plain = {}, []
-        for name, value in loaders.items():
-            loader, ratio = value if isinstance(value, tuple) else (value, 1)
-            name2loader[name] = (loader, ratio)
-            if not hasattr(loader, "state_dict"):
-                plain.append(name)
+    def _build_loaders(self) -> list:
+        """name -> (loader, ratio) of each local virtual rank (one dict without virtual ranks,
+        :mod:`utils.virtual_world`)."""
+        rank_loaders = self.world.build(self._build_rank_loaders)
+        self._rank_loaders = [{n: loader for n, (loader, _) in d.items()} for d in rank_loaders]
+        self._loaders = self._rank_loaders[0]
+        plain = [name for name, loader in self._loaders.items()
+                 if not hasattr(loader, "state_dict")]
         if plain:
             LOGGER.warning("loaders without a saveable position (resume restarts their epoch):"
                            " %s", ", ".join(plain))
-        self._loaders = {name: loader for name, (loader, _) in name2loader.items()}
-        return name2loader
+        return rank_loaders
+
+    def _build_rank_loaders(self) -> dict:
+        return {name: value if isinstance(value, tuple) else (value, 1)
+                for name, value in self.task.build_train_loaders().items()}
 
     def _build_scalers(self) -> dict:
         if not self.opts.fp16:
@@ -427,7 +444,9 @@ class Trainer:
                 "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
                 "meters": {k: m.state_dict() for k, m in self.meters.items()},
                 "data": {"meta_step": self.meta_loader.step,
-                         "loaders": loaders_state_dict(self._loaders)},
+                         "loaders": loaders_state_dict(self._loaders),
+                         "loaders_by_rank": self.world.gather(
+                             [loaders_state_dict(d) for d in self._rank_loaders])},
                 "examples": dict(self.examples), "overflows": dict(self.overflows),
                 "zero_grads": [n for n, p in self.model.named_parameters()
                                if p.grad is not None]}
@@ -435,7 +454,8 @@ class Trainer:
     def _save_state(self) -> None:
         ckpt = Path(self.opts.output_dir) / "ckpt"
         self._check_finite(f"{ckpt / f'train_state_{self.global_step}.pt'}", True)
-        path = save_training_state(ckpt, self.global_step, self._state())
+        path = save_training_state(ckpt, self.global_step, self._state(),
+                                   self.world.rng_states())
         if self.ctx.rank == 0:
             states = sorted(ckpt.glob("train_state_*.pt"),
                             key=lambda p: int(p.stem.rsplit("_", 1)[1]))
@@ -444,7 +464,8 @@ class Trainer:
             LOGGER.info("saved training state %s", path)
 
     def _load_state(self, path) -> dict:
-        state = load_training_state(path, self.ctx.world_size, self.ctx.rank)
+        state = load_training_state(path, self.world.size, self.world.global_rank(0),
+                                    self.world.per_rank)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for name, scaler_state in state["scalers"].items():
@@ -466,12 +487,20 @@ class Trainer:
             named[name].grad = torch.zeros_like(named[name])
 
     def _restore_data_and_rng(self, state) -> None:
-        """Last step of setup: nothing may consume RNG between this and the first batch."""
-        self.meta_loader.step = state["data"]["meta_step"]
-        missing = load_loaders_state(self._loaders, state["data"]["loaders"])
+        """Last step of setup: nothing may consume RNG between this and the first batch.
+
+        Each (virtual) rank gets its own loader positions; states written before those were
+        saved per rank give every rank rank 0's."""
+        data = state["data"]
+        self.meta_loader.step = data["meta_step"]
+        by_rank = data.get("loaders_by_rank")
+        positions = (self.world.local_slice(by_rank) if by_rank
+                     else [data["loaders"]] * len(self._rank_loaders))
+        for loaders, saved in zip(self._rank_loaders, positions):
+            missing = load_loaders_state(loaders, saved)
         if missing:
             LOGGER.warning("no saved position for loader(s) %s", ", ".join(missing))
-        set_rng_state(state["rng_this_rank"])
+        self.world.load_rng_states(state["rng_local"])
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -489,9 +518,11 @@ class Trainer:
             return
         self.model.train()
         accum = opts.gradient_accumulation_steps
-        for name, batch in self.meta_loader:
+        for name, batches in self.meta_loader:
             last = self.meta_loader.step % accum == 0
-            self._micro_step(name, batch, last)
+            gathers = self.world.active and self.task.all_gathers(self.model, name)
+            self.world.micro_steps(name, batches, last, self._micro_step,
+                                   self._capture if gathers else None)
             if last:
                 self._update(name)
                 if self._stop_signum or self.global_step >= opts.num_train_steps:
@@ -509,23 +540,34 @@ class Trainer:
         path = Path(self.opts.output_dir) / "ckpt" / f"model_step_{step}.pt"
         return bool(broadcast_object(not path.is_file() if self.ctx.rank == 0 else None))
 
-    def _micro_step(self, name: str, batch, last: bool) -> None:
+    def _capture(self, name: str, batch) -> None:
+        """The no-grad first pass of a loss that all-gathers, under virtual ranks
+        (:mod:`utils.virtual_gather`); the bare model: no DDP hooks."""
         self.task.schedule(self.model, self.global_step)
-        with maybe_no_sync(self.ddp, sync=last):
+        with self._autocast():
+            self.task.compute_loss(self.model, name, batch)
+
+    def _micro_step(self, name: str, batch, sync: bool, local: int = 0) -> None:
+        """One micro-batch of local virtual rank ``local``; ``sync``: the update's last
+        backward (the DDP all-reduce). Only global rank 0's losses are logged, as upstream."""
+        self.task.schedule(self.model, self.global_step)
+        with maybe_no_sync(self.ddp, sync=sync):
             with self._autocast():
                 loss, components = self.task.compute_loss(self.ddp, name, batch)
-            self._record_loss(name, loss, components, batch)
+            self._record_loss(name, loss, components, batch, local)
             scaler = self.scalers.get(name)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         self.examples[name] += self.opts.train_batch_size
 
-    def _record_loss(self, name, loss, components, batch) -> None:
+    def _record_loss(self, name, loss, components, batch, local: int = 0) -> None:
         value = loss.item()
         if not math.isfinite(value):
             if self.bad_loss is None:
-                self.bad_loss = (f"rank {self.ctx.rank}: loss {value} at update "
+                self.bad_loss = (f"rank {self.world.global_rank(local)}: loss {value} at update "
                                  f"{self.global_step + 1} (micro-batch {self.meta_loader.step}),"
                                  f" task {name}, {describe_batch(batch)}")
+            return
+        if local:
             return
         self._meter(f"loss/{name}", value)
         self.update_losses.append(value)
@@ -714,9 +756,10 @@ class Trainer:
         """Close logs and writers, then release ``output_dir`` (last: nothing writes after)."""
         if self.pbar is not None:
             self.pbar.close()
-        for loader in getattr(self, "_loaders", {}).values():
-            if hasattr(loader, "close"):
-                loader.close()
+        for loaders in getattr(self, "_rank_loaders", []):
+            for loader in loaders.values():
+                if hasattr(loader, "close"):
+                    loader.close()
         TB_LOGGER.close()
         METRICS_LOG.close()
         root = logging.getLogger()

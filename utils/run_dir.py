@@ -87,7 +87,11 @@ def options_json(opts) -> dict:
 
 
 def hps_differences(saved: dict, current: dict) -> list:
-    """Option keys whose values differ, ignoring the run-control flags (a folder may move)."""
+    """Option keys whose values differ, ignoring the run-control flags (a folder may move).
+
+    A run written before ``virtual_world_size`` existed ran as its ``n_gpu`` ranks."""
+    if "virtual_world_size" not in saved and "n_gpu" in saved:
+        saved = {**saved, "virtual_world_size": saved["n_gpu"]}
     keys = (set(saved) | set(current)) - set(RUN_CONTROL_KEYS)
     return sorted(k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>"))
 

@@ -148,9 +148,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(ckpt_dir, step: int, state: dict) -> Path:
-    """Gather every rank's RNG state, then rank 0 writes ``train_state_<step>.pt``."""
-    rngs = all_gather_object(rng_state())
+def save_training_state(ckpt_dir, step: int, state: dict, local_rngs=None) -> Path:
+    """Gather every rank's RNG state, then rank 0 writes ``train_state_<step>.pt``.
+
+    ``local_rngs``: the states of the virtual ranks this process plays (default: its own);
+    ``rng`` is saved as one list in global (virtual) rank order."""
+    local = [rng_state()] if local_rngs is None else list(local_rngs)
+    rngs = [s for part in all_gather_object(local) for s in part]
     path = Path(ckpt_dir) / f"train_state_{step}.pt"
     if get_rank() == 0:
         atomic_torch_save({**state, "global_step": step, "rng": rngs}, path)
@@ -163,14 +167,19 @@ def latest_training_state(ckpt_dir) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_training_state(path, world_size: int, rank: int) -> dict:
+def load_training_state(path, world_size: int, rank: int, per_rank: int = 1) -> dict:
+    """The state; ``rng_local`` holds the RNG states of ranks ``rank .. rank + per_rank - 1``
+    of ``world_size`` (virtual ranks with ``--virtual_world_size``), ``rng_this_rank`` the
+    first of them."""
     state = load_checkpoint_file(path)
     if not isinstance(state, dict) or "global_step" not in state or "rng" not in state:
         raise CheckpointError(f"{path} is not a training-state file (no global_step/rng)")
     if len(state["rng"]) != world_size:
         raise CheckpointError(f"{path} was written by {len(state['rng'])} ranks; this run has "
-                              f"{world_size}. Resume with the same number of processes.")
-    state["rng_this_rank"] = state["rng"][rank]
+                              f"{world_size}. Resume with the same number of processes (and "
+                              "--virtual_world_size).")
+    state["rng_local"] = state["rng"][rank:rank + per_rank]
+    state["rng_this_rank"] = state["rng_local"][0]
     return state
 
 
