@@ -191,3 +191,18 @@ def test_a_stuck_stop_gives_up_after_the_grace_period(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert "did not stop within 2 s (HERO_STOP_GRACE_S)" in proc.stderr
     assert not (out / "ckpt" / "train_state_7.pt").exists()
+
+
+def test_unreadable_newest_training_state_is_named_with_the_way_out(tmp_path):
+    """A run folder copied in part: the re-run names the bad state and says how to fall back."""
+    out = tmp_path / "run"
+    assert _run(out, env=_env(TOY_KILL_AT=10)).returncode == -signal.SIGKILL
+    newest = out / "ckpt" / "train_state_8.pt"
+    os.truncate(newest, newest.stat().st_size // 2)
+    proc = _run(out)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"cannot read checkpoint {newest}" in last and "previous training state" in last
+    newest.unlink()
+    assert _run(out).returncode == 0
+    assert "resuming from ckpt/train_state_4.pt" in _log(out)

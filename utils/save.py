@@ -171,7 +171,12 @@ def load_training_state(path, world_size: int, rank: int, per_rank: int = 1) -> 
     """The state; ``rng_local`` holds the RNG states of ranks ``rank .. rank + per_rank - 1``
     of ``world_size`` (virtual ranks with ``--virtual_world_size``), ``rng_this_rank`` the
     first of them."""
-    state = load_checkpoint_file(path)
+    try:
+        state = load_checkpoint_file(path)
+    except CheckpointError as exc:  # e.g. a run folder copied in part
+        raise CheckpointError(f"{exc}. Move it out of {Path(path).parent} to resume from the "
+                              "previous training state there, or start over with --overwrite"
+                              ) from exc
     if not isinstance(state, dict) or "global_step" not in state or "rng" not in state:
         raise CheckpointError(f"{path} is not a training-state file (no global_step/rng)")
     if len(state["rng"]) != world_size:
