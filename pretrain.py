@@ -14,12 +14,12 @@ final ``model_step_N`` saved only if N was not a validation step.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,6 @@ from model.encoder import mfm_nce_logits
 from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict, read_state_dict
 from model.pretrain import HeroForPretraining
 from utils.dist_setup import unwrap_model
-from utils.distributed import all_gather_object
 from utils.engine import TrainTask
 from utils.entry import parse_task_args, run_training
 from utils.errors import run_main
@@ -190,20 +189,17 @@ class PretrainTask(TrainTask):
 
     # ------------------------------------------------------------------ validation
     def validate(self, model, global_step: int, final: bool = False) -> dict:
+        """Every task's validation sums over all ranks' shards (with ``--virtual_world_size``,
+        all N virtual ranks', :meth:`utils.virtual_world.VirtualWorld.validation_sums`)."""
+        world = self.validation_world()
         if self.val_loaders is None:
-            self.val_loaders = self.build_val_loaders()
+            self.val_loaders = world.build_each(self.build_val_loaders)
         metrics = {}
-        for name, loader in self.val_loaders.items():
+        for name in self.val_loaders[0]:
             start = time.time()
-            sums = defaultdict(float)
-            with torch.no_grad():
-                for batch in loader:
-                    for key, value in VALIDATORS[model_task(name)](model, batch).items():
-                        sums[key] += float(value)
-            totals = defaultdict(float)
-            for part in all_gather_object(dict(sums)):
-                for key, value in part.items():
-                    totals[key] += value
+            step = functools.partial(VALIDATORS[model_task(name)], model)
+            totals = world.validation_sums([rank[name] for rank in self.val_loaders], step,
+                                           self.all_gathers(model, name))
             values = FINALIZERS[model_task(name)](totals, time.time() - start, model)
             metrics.update({f"valid_{name}/{name}_{k}": v for k, v in values.items()})
         return metrics

@@ -21,14 +21,13 @@ random initialisation. How2R has no released config; it is wired like TVR.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import time
-from collections import defaultdict
 from functools import cached_property
 
-import torch
 from torch.utils.data import DataLoader
 
 from config.config import SharedConfigs
@@ -53,7 +52,7 @@ from eval.retrieval import numeric_metrics, validate_full_vcmr
 from model.model import VFEAT_DIM, max_frm_seq_len_from_state_dict, read_state_dict
 from model.vcmr import HeroForVcmr
 from utils.dist_setup import unwrap_model
-from utils.distributed import all_gather_object, get_rank
+from utils.distributed import get_rank
 from utils.engine import TrainTask
 from utils.entry import parse_task_args, run_training
 from utils.errors import run_main
@@ -88,7 +87,7 @@ class VcmrTask(TrainTask):
     def __init__(self, opts):
         super().__init__(opts)
         self.video_only = opts.task.endswith("video_only")
-        self._val_loader = None
+        self._val_loaders = None
         self._full_eval_loaders = None
         self._n_constant = 0
 
@@ -236,27 +235,34 @@ class VcmrTask(TrainTask):
                           pin_memory=opts.pin_mem and self.device.type == "cuda")
 
     def loss_validation(self, model) -> dict:
-        """Summed loss terms over the val queries (all ranks), normalised by their counts."""
-        if self._val_loader is None:
-            dataset = self.make_dataset("loss_val", self.opts.val_query_txt_db)
-            self._val_loader = PrefetchLoader(
-                build_dataloader(dataset, vcmr_eval_collate, False, self.opts), self.device)
-        start, sums = time.time(), defaultdict(float)
-        with torch.no_grad():
-            for batch in self._val_loader:
-                out = model(batch, task=self.opts.task, compute_loss=True)
-                for term, value in zip(self.terms, out):
-                    sums[term] += float(value.sum())
-                    sums[f"n_{term}"] += batch["query_input_ids"].size(0) \
-                        if term == "st_ed" else value.numel()
-                sums["ex"] += batch["query_input_ids"].size(0)
-        totals = defaultdict(float)
-        for part in all_gather_object(dict(sums)):
-            for key, value in part.items():
-                totals[key] += value
+        """Summed loss terms over the val queries of all ranks (with ``--virtual_world_size``,
+        all N virtual ranks', :meth:`utils.virtual_world.VirtualWorld.validation_sums`),
+        normalised by their counts."""
+        world = self.validation_world()
+        if self._val_loaders is None:
+            self._val_loaders = world.build_each(self._loss_val_loader)
+        start = time.time()
+        totals = world.validation_sums(self._val_loaders,
+                                       functools.partial(self._loss_val_sums, model),
+                                       self.all_gathers(model, self.opts.task))
         name = self.opts.task
         return {f"valid_{name}/{name}_{k}": v for k, v in
                 self.finish_loss_validation(totals, time.time() - start, model).items()}
+
+    def _loss_val_loader(self):
+        dataset = self.make_dataset("loss_val", self.opts.val_query_txt_db)
+        return PrefetchLoader(build_dataloader(dataset, vcmr_eval_collate, False, self.opts),
+                              self.device)
+
+    def _loss_val_sums(self, model, batch) -> dict:
+        """One batch's loss terms summed over its items, and their counts."""
+        out = model(batch, task=self.opts.task, compute_loss=True)
+        n_q = batch["query_input_ids"].size(0)
+        sums = {"ex": n_q}
+        for term, value in zip(self.terms, out):
+            sums[term] = value.sum()
+            sums[f"n_{term}"] = n_q if term == "st_ed" else value.numel()
+        return sums
 
     def finish_loss_validation(self, totals, secs, model) -> dict:
         """Each term per item, shown unweighted; ``loss_overall`` is the weighted sum."""

@@ -19,7 +19,9 @@ other tasks (its moments decay), which changes multi-task pretraining numbers if
 Virtual ranks (issue 16). ``--virtual_world_size N`` with W processes: each process plays
 N/W ranks of an N-process run in turn (their shards, RNG streams, task draw, summed gradients,
 VSM gather over all N); the machinery is in :mod:`utils.virtual_world` and
-:mod:`utils.virtual_gather`, the loop only runs every local rank's micro-batch. ``n_gpu`` stays
+:mod:`utils.virtual_gather`, the loop only runs every local rank's micro-batch. Tasks get the
+world as ``task.world`` so that their loss validation plays the same ranks
+(:meth:`TrainTask.validation_world`). ``n_gpu`` stays
 the number of processes; both sizes are in ``hps.json``.
 
 Mixed precision. ``--fp16``: ``torch.autocast(float16)`` plus one ``torch.amp.GradScaler`` per
@@ -107,7 +109,12 @@ from utils.save import (
     save_training_state,
     set_rng_state,
 )
-from utils.virtual_world import VirtualMetaLoader, VirtualWorld, resolve_virtual_world_size
+from utils.virtual_world import (
+    VirtualMetaLoader,
+    VirtualWorld,
+    plain_world,
+    resolve_virtual_world_size,
+)
 
 LOGGER = logging.getLogger(__name__)
 KEEP_TRAIN_STATES = 2
@@ -155,6 +162,7 @@ class TrainTask:
     restore_before_validation = False
     final_ckpt_suffix: str | None = None
     find_unused_parameters = True
+    world: VirtualWorld | None = None  # set by the Trainer (``--virtual_world_size``)
     path_flags: tuple[str, ...] = ()  # option names of the paths required_paths checks
     # options the run cannot start without (missing/null is a ConfigError naming the key and
     # the config file, issue 13); ``output_dir`` is always required
@@ -193,6 +201,11 @@ class TrainTask:
     def validate(self, model, global_step: int, final: bool = False) -> dict:
         """TensorBoard key -> value; runs on every rank with the model in eval mode."""
         return {}
+
+    def validation_world(self) -> VirtualWorld:
+        """The ranks a loss validation plays (:meth:`VirtualWorld.validation_sums`): those of
+        ``--virtual_world_size`` under the :class:`Trainer`, else the real processes."""
+        return self.world if self.world is not None else plain_world()
 
     def log_update(self, global_step: int, meters: dict) -> None:
         """Task-specific TensorBoard scalars after each update (every rank; TB step already
@@ -333,7 +346,6 @@ class Trainer:
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, opts)
         rank_loaders = self._build_loaders()
-        self.world.note_validation(self.task, self.model, rank_loaders[0])
         self.scalers = self._build_scalers()
         state = self._load_state(resume_path) if resume_path else None
         save_training_meta(opts, opts.output_dir)
@@ -355,6 +367,7 @@ class Trainer:
         check_required_paths(self.task.required_paths(), opts)
         size = resolve_virtual_world_size(opts, self.ctx.world_size)
         self.world = VirtualWorld(size, self.ctx.rank, self.ctx.world_size)
+        self.task.world = self.world
 
     def _plan_output_dir(self) -> Path | None:
         """Rank 0 locks ``output_dir`` and applies the policy (:mod:`utils.run_dir`); every
@@ -723,7 +736,7 @@ class Trainer:
     def _validate(self, final: bool) -> None:
         """Task validation in eval mode, under autocast, without touching training RNG."""
         LOGGER.info("validation at update %d%s", self.global_step, " (final)" if final else "")
-        with forked_rng(), self._autocast():
+        with forked_rng(), self.world.forked(), self._autocast():
             self.model.eval()
             try:
                 metrics = self.task.validate(self.model, self.global_step, final=final)

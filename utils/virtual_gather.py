@@ -14,6 +14,10 @@ while it runs rank r's micro-batch, only the *values* of the other ranks' embedd
    embeddings of all N ranks in rank order with its own live slice in place, so its loss and
    the gradient reaching its embeddings are exactly rank r's of the N-process run.
 
+Loss validation runs the same two passes without gradients, the virtual ranks in lockstep
+(:meth:`utils.virtual_world.VirtualWorld.validation_sums`); a rank whose validation batches
+have run out takes no part in the later gathers.
+
 This is the gradient-cache technique (Gao et al., 2021) under upstream's semantics: since the
 backward drops the other ranks' slices, no cached embedding gradient needs replaying. Cost: one
 extra forward, up to the gather, per micro-batch of a gathering task; memory: one micro-batch's
@@ -27,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from utils.distributed import overriding_gather
+from utils.distributed import all_gather_object, overriding_gather
 
 
 class _Captured(Exception):
@@ -55,17 +59,22 @@ def capture_embeddings(forward) -> tuple:
 
 
 class GatherCache:
-    """Every virtual rank's (q̂, V̂, c) of one micro-step, in global rank order."""
+    """Every taking-part virtual rank's (q̂, V̂, c) of one micro-step, in global rank order.
 
-    def __init__(self, world, local_embeddings: list):
+    ``local_embeddings``: local virtual rank -> its embeddings. Every virtual rank takes part
+    in training; in validation a rank whose loader has run out does not (it adds no negatives,
+    :meth:`utils.virtual_world.VirtualWorld.validation_sums`)."""
+
+    def __init__(self, world, local_embeddings: dict):
         self.world = world
+        ranks = {world.global_rank(local): e for local, e in local_embeddings.items()}
         if world.real_size > 1:
-            device = local_embeddings[0][0].device
-            gathered = world.gather([tuple(t.cpu() for t in e) for e in local_embeddings])
-            self.ranks = [tuple(t.to(device) for t in e) for e in gathered]
-        else:
-            self.ranks = list(local_embeddings)
-        self.length = max(frames.size(1) for _, frames, _ in self.ranks)
+            parts = all_gather_object({r: tuple(t.cpu() for t in e) for r, e in ranks.items()})
+            device = next(iter(ranks.values()))[0].device if ranks else torch.device("cpu")
+            ranks = {r: tuple(t.to(device) for t in e) for part in parts
+                     for r, e in part.items()}
+        self.ranks = dict(sorted(ranks.items()))
+        self.length = max(frames.size(1) for _, frames, _ in self.ranks.values())
 
     @contextlib.contextmanager
     def serving(self, local: int):
@@ -82,8 +91,8 @@ class GatherCache:
                 f"virtual rank {rank}: the VSM embeddings of the training pass "
                 f"{tuple(query_norm.shape)}/{tuple(frames_norm.shape)} differ from the first "
                 f"pass's {tuple(cached[0].shape)}/{tuple(cached[1].shape)}")
-        parts = list(self.ranks)
+        parts = dict(self.ranks)
         parts[rank] = (query_norm, frames_norm, c_mask.to(frames_norm.dtype))
         padded = [(q, F.pad(v, (0, 0, 0, self.length - v.size(1))),
-                   F.pad(c, (0, self.length - c.size(1)))) for q, v, c in parts]
+                   F.pad(c, (0, self.length - c.size(1)))) for q, v, c in parts.values()]
         return tuple(torch.cat(group, dim=0) for group in zip(*padded))

@@ -26,6 +26,10 @@ gradients are *summed* over ranks, each rank trains on its own shard (data.md §
 * **All-gathered losses** (VSM ranking losses of pre-training, VCMR and VR, model.md §8.4):
   the gather spans all N virtual ranks with upstream's backward, through a first no-grad pass
   that caches every rank's embeddings (:mod:`utils.virtual_gather`).
+* **Validation** (loss validation of pre-training and VCMR/VR): each virtual rank builds and
+  runs the validation loaders of its rank of N on its own (forked) RNG stream, the ranks in
+  lockstep so that all-gathered losses gather through the same cache; the sums are reduced
+  over all N ranks in rank order (:meth:`VirtualWorld.validation_sums`).
 * **Training state**: the RNG states and loader positions of all N virtual ranks are saved, so
   ``--resume`` continues each of them exactly.
 
@@ -35,16 +39,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import random
+from collections import defaultdict
+
+import torch
 
 from config.config import ConfigError, describe_origin
 from data.loader import MetaLoader
-from utils.distributed import all_gather_object, as_data_rank, broadcast_object
+from utils.distributed import (
+    all_gather_object,
+    as_data_rank,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+)
 from utils.save import rng_state, set_rng_state
 from utils.virtual_gather import GatherCache, capture_embeddings
-
-LOGGER = logging.getLogger(__name__)
 
 
 def resolve_virtual_world_size(opts, world_size: int) -> int:
@@ -126,18 +136,67 @@ class VirtualWorld:
         else:
             set_rng_state(states[0])
 
-    def note_validation(self, task, model, name2loader: dict) -> None:
-        """Warn that validation runs on the real processes' shards: losses that all-gather
-        (VSM/VCMR ranking losses) are then scored against fewer negatives than in the
-        N-process run (full-corpus retrieval metrics and the other losses are unaffected)."""
-        names = [n for n, (_, ratio) in name2loader.items()
-                 if ratio and task.all_gathers(model, n)]
-        if self.active and names:
-            LOGGER.warning("virtual_world_size %d on %d process(es): the loss validation of "
-                           "%s gathers over the %d process(es) only, so its ranking losses "
-                           "differ from an %d-process run's (training, checkpoints and "
-                           "retrieval metrics do not)", self.size, self.real_size,
-                           ", ".join(names), self.real_size, self.size)
+    @contextlib.contextmanager
+    def forked(self):
+        """Validation runs on copies of the virtual ranks' streams, as every rank of the
+        N-process run validates under ``utils.engine.forked_rng``: training never notices."""
+        saved = list(self._rngs)
+        try:
+            yield
+        finally:
+            self._rngs = saved
+
+    def build_each(self, fn) -> list:
+        """``[fn() for each local virtual rank]``, each as that rank (its data shard, its RNG
+        stream, advancing it): the validation loaders, which rank r of N builds itself."""
+        out = []
+        for local in range(self.per_rank):
+            with self.playing(local), as_data_rank(self.global_rank(local), self.size):
+                out.append(fn())
+        return out
+
+    def validation_sums(self, loaders: list, step, gathers: bool = False) -> dict:
+        """Sums of ``step(batch)`` (key -> float) over every batch of all N ranks'
+        validation loaders (``loaders``: this process's, by local rank), reduced as an
+        N-process run reduces them: each rank's sums, added in global rank order.
+
+        The ranks run in lockstep, batch i of every rank before batch i + 1 of any, on their
+        own RNG streams. ``gathers``: the step's loss all-gathers embeddings (VSM ranking
+        losses): the gather of batch i spans the ranks that have a batch i, through the cache
+        of :mod:`utils.virtual_gather`. Ranks with fewer batches (shards differ by one item)
+        thus drop out of the gather after their last batch, in real multi-process runs too,
+        which before fell out of step in their collectives. Losses that do not gather are
+        unaffected by the lockstep: every rank runs all its batches."""
+        counts = self.gather([len(loader) for loader in loaders])
+        sums = [defaultdict(float) for _ in loaders]
+        iters = []
+        for local, loader in enumerate(loaders):
+            with self.playing(local):
+                iters.append(iter(loader))
+        with torch.no_grad():
+            for i in range(max(counts, default=0)):
+                batches = {}
+                for local, it in enumerate(iters):
+                    if i < counts[self.global_rank(local)]:
+                        with self.playing(local):
+                            batches[local] = next(it)
+                cached = gathers and (self.active or min(counts) <= i)
+                self._validation_step(batches, step, sums, cached)
+        totals = defaultdict(float)
+        for part in self.gather([dict(s) for s in sums]):
+            for key, value in part.items():
+                totals[key] += value
+        return totals
+
+    def _validation_step(self, batches: dict, step, sums: list, cached: bool) -> None:
+        """Batch i of the local ranks that have one; ``cached``: their gather reads the
+        embeddings every taking-part rank caches first (collective over processes)."""
+        cache = self._gather_cache(batches, step) if cached else None
+        for local, batch in batches.items():
+            serving = cache.serving(local) if cache is not None else contextlib.nullcontext()
+            with self.playing(local), serving:
+                for key, value in step(batch).items():
+                    sums[local][key] += float(value)
 
     def micro_steps(self, name: str, batches: list, last: bool, step, capture=None) -> None:
         """One micro-step of every local virtual rank: ``step(name, batch, sync, local)`` on
@@ -147,16 +206,22 @@ class VirtualWorld:
         (:mod:`utils.virtual_gather`)."""
         cache = None
         if capture is not None:
-            embeddings = []
-            for local, batch in enumerate(batches):
-                with self.peeking(local):
-                    embeddings.append(capture_embeddings(functools.partial(capture, name,
-                                                                           batch)))
-            cache = GatherCache(self, embeddings)
+            cache = self._gather_cache(dict(enumerate(batches)),
+                                       functools.partial(capture, name))
         for local, batch in enumerate(batches):
             serving = cache.serving(local) if cache is not None else contextlib.nullcontext()
             with self.playing(local), serving:
                 step(name, batch, last and local == len(batches) - 1, local)
+
+    def _gather_cache(self, batches: dict, forward) -> GatherCache:
+        """``forward(batch)`` of each local rank in ``batches`` (local rank -> batch) up to the
+        gather, on a copy of that rank's RNG stream (its real pass then draws the same), and
+        the cache of every taking-part rank's embeddings (collective over processes)."""
+        embeddings = {}
+        for local, batch in batches.items():
+            with self.peeking(local):
+                embeddings[local] = capture_embeddings(functools.partial(forward, batch))
+        return GatherCache(self, embeddings)
 
     def gather(self, local_values: list) -> list:
         """Every virtual rank's value in global rank order (collective over processes)."""
@@ -166,6 +231,11 @@ class VirtualWorld:
         """This process's entries of a list indexed by global virtual rank."""
         start = self.global_rank(0)
         return values[start:start + self.per_rank]
+
+
+def plain_world() -> VirtualWorld:
+    """The world of the real processes, without virtual ranks (a task used on its own)."""
+    return VirtualWorld(get_world_size(), get_rank(), get_world_size())
 
 
 class VirtualMetaLoader:
