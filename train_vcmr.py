@@ -213,7 +213,10 @@ class VcmrTask(TrainTask):
         return metrics
 
     def full_eval(self, model, loader, split):
-        return validate_full_vcmr(model, loader, split, self.opts)
+        """Full-corpus metrics; ``_rank_avg`` over the ranks of ``--virtual_world_size``, as an
+        N-process run averages them (issue 16)."""
+        return validate_full_vcmr(model, loader, split, self.opts,
+                                  ranks=self.validation_world().size)
 
     def full_eval_loaders(self) -> dict:
         """split -> query loader over the split's whole corpus (val, then test if given)."""

@@ -61,7 +61,9 @@ class VrTask(VcmrTask):
         return model.lw_neg_ctx, model.lw_neg_q
 
     def full_eval(self, model, loader, split):
-        return validate_full_vr(model, loader, split, self.opts)
+        """As :meth:`VcmrTask.full_eval`, with MSR-VTT's VR evaluation."""
+        return validate_full_vr(model, loader, split, self.opts,
+                                ranks=self.validation_world().size)
 
 
 def parse_args(argv=None):

@@ -11,7 +11,10 @@ Decisions:
 - §5.4 / P7: with ``distributed_eval`` every rank's predictions and GT are all-gathered and the
   metrics under upstream's keys are the **exact global** numbers (re-scored on the merged
   lists). Upstream's query-count-weighted average of rounded per-rank metrics is also logged,
-  under ``valid_{split}_{TASK}_rank_avg/...``, when there is more than one rank.
+  under ``valid_{split}_{TASK}_rank_avg/...``, when there is more than one rank. With
+  ``--virtual_world_size N`` (issue 16) the ranks averaged are the N virtual ones: each
+  process scores the query shard of every rank of N that its own shard contains
+  (:func:`rank_shards`), so a virtual run logs what an N-process run logs.
 - q1 / P6: the saved file follows upstream: with GT and ``nms_thd != -1`` its VCMR and SVMR
   lists are the post-NMS ones; NMS runs on the top-``max_after_nms`` lists; test splits
   without GT are never NMS'd and have no SVMR list.
@@ -70,6 +73,7 @@ class FullEvalSetting:
     fp16: bool = False
     bf16: bool = False
     impl: str = "fast"
+    ranks: int = 0  # the ranks ``_rank_avg`` averages over (virtual world); 0: real world
 
 
 def vcmr_setting(opts, model_opts=None, impl="fast") -> FullEvalSetting:
@@ -267,18 +271,49 @@ def rank_weighted_average(per_rank, counts):
     return out
 
 
+def rank_shards(submission, gts, per_process: int) -> list:
+    """``(submission, gts)`` of each of the ``per_process`` ranks of N (N = W·per_process)
+    whose query shard lies in this process's shard (rank R of W), by index ``i``: rank
+    ``R + i·W`` of N.
+
+    Why: a dataset shard is ``qids[r::world]`` (data.md §11.2), so the shard of rank g of N is
+    the slice ``[g // W :: N / W]`` of process ``g % W``'s queries, whose task lists and GT are
+    in query order (one entry per query when metrics are computed)."""
+    if per_process == 1:
+        return [(submission, gts)]
+    for task in TASKS:
+        if task in submission and len(submission[task]) != len(gts):
+            raise RuntimeError(f"{task}: {len(submission[task])} predictions for {len(gts)} "
+                               "queries; per-rank metrics need one per query in query order")
+    return [({**{t: rows[i::per_process] for t, rows in submission.items() if t in TASKS},
+              "video2idx": submission["video2idx"]}, gts[i::per_process])
+            for i in range(per_process)]
+
+
+def _shard_metrics(submission, gts, per_process, kwargs) -> list:
+    """``(query count, metrics)`` of this process's ranks (:func:`rank_shards`); ``None`` for
+    an empty shard, which weighs nothing in the average."""
+    return [(len(g), eval_retrieval(sub, g, **kwargs) if g else None)
+            for sub, g in rank_shards(submission, gts, per_process)]
+
+
 def score_submission(submission, gts, setting):
-    """(exact metrics, upstream rank-weighted average or None); all ranks take part."""
+    """(exact metrics, upstream rank-weighted average or None); all ranks take part. The
+    average is over ``setting.ranks`` ranks (the virtual world; the real one if 0)."""
     kwargs = dict(iou_thds=IOU_THDS, verbose=False, match_number=True,
                   use_desc_type=setting.use_desc_type)
-    if not (setting.distributed and get_world_size() > 1):
+    world = get_world_size()
+    ranks = setting.ranks or world
+    if not (setting.distributed and ranks > 1):
         return eval_retrieval(submission, gts, **kwargs), None
-    local = eval_retrieval(submission, gts, **kwargs)
+    local = _shard_metrics(submission, gts, ranks // world, kwargs)
     gathered = all_gather_object((submission, gts, local))
-    subs, all_gts, per_rank = map(list, zip(*gathered))
+    subs, all_gts, by_process = map(list, zip(*gathered))
     merged_gts = [g for rank_gts in all_gts for g in rank_gts]
     exact = eval_retrieval(merge_submissions(subs), merged_gts, **kwargs)
-    return exact, rank_weighted_average(per_rank, [len(g) for g in all_gts])
+    per_rank = [by_process[g % world][g // world] for g in range(ranks)]
+    per_rank = [(n, m) for n, m in per_rank if m is not None]
+    return exact, rank_weighted_average([m for _, m in per_rank], [n for n, _ in per_rank])
 
 
 def flatten_metrics(metrics, split, suffix=""):
@@ -364,18 +399,22 @@ def _queries_per_s(col, start) -> float:
     return col.n_queries / max(time.time() - start, 1e-9)
 
 
-def validate_full_vcmr(model, val_loader, split, opts, model_opts=None, impl="fast"):
-    """Full-corpus VCMR/SVMR/VR of ``val_loader``'s queries (§5.1): (val_log, submission)."""
+def validate_full_vcmr(model, val_loader, split, opts, model_opts=None, impl="fast", ranks=0):
+    """Full-corpus VCMR/SVMR/VR of ``val_loader``'s queries (§5.1): (val_log, submission).
+    ``ranks``: the virtual world size during training (``_rank_avg`` over its ranks)."""
     setting = vcmr_setting(opts, model_opts, impl)
+    setting.ranks = ranks
     col, video2idx, start = _rank_all_queries(model, val_loader, split, setting, raw_ids=False)
     submission, val_log = finish_vcmr(col, val_loader.dataset, video2idx, setting, split)
     val_log[f"valid/vcmr_{split}_ex_per_s"] = _queries_per_s(col, start)
     return val_log, submission
 
 
-def validate_full_vr(model, val_loader, split, opts, model_opts=None, impl="fast"):
-    """MSR-VTT video retrieval (§5.6): raw cosine scores, VR metrics only."""
+def validate_full_vr(model, val_loader, split, opts, model_opts=None, impl="fast", ranks=0):
+    """MSR-VTT video retrieval (§5.6): raw cosine scores, VR metrics only; ``ranks`` as for
+    :func:`validate_full_vcmr`."""
     setting = vr_setting(opts, model_opts, impl)
+    setting.ranks = ranks
     col, video2idx, start = _rank_all_queries(model, val_loader, split, setting, raw_ids=True)
     submission = {**_truncate(col.lists, setting.k_videos), "video2idx": video2idx}
     val_log = {}

@@ -175,7 +175,8 @@ def test_tvr_hard_negatives_one_process_virtual_two_equals_two_process_torchrun(
     Validation: the loss validation's ranking losses gather too; its 7 val queries make
     shards of 4 and 3, so with ``val_batch_size`` 3 rank 0 has 2 batches and rank 1 one (the
     second batch is scored without rank 1, in both runs); full-corpus VR is re-scored over all
-    queries."""
+    queries, and upstream's per-rank average (§5.4, ``_rank_avg``) is over the two ranks'
+    query shards in both runs."""
     cfg = write_config(tmp_path, "train-tvr-demo.json", toy_dbs, train_batch_size=4,
                        val_batch_size=3,
                        gradient_accumulation_steps=2, num_train_steps=3, warmup_steps=1,
@@ -191,11 +192,49 @@ def test_tvr_hard_negatives_one_process_virtual_two_equals_two_process_torchrun(
     a.pop("vocab_padded"), b.pop("vocab_padded")
     assert_same_params(a, b)
     assert_same_log(real, virtual)
-    # upstream's per-rank average of the retrieval metrics (§5.4) needs real ranks; the
-    # metrics re-scored over all queries are the same
-    metrics = assert_same_validation(real, virtual, only_in_a="_rank_avg")
+    metrics = assert_same_validation(real, virtual)
     assert metrics["valid_tvr/tvr_valid/loss_neg_ctx"] > 0
     assert metrics["valid_val_VR/VR_r1"] > 0
+    for run in (real, virtual):  # upstream's per-rank average, logged by both runs
+        last = validations(run)[-1][1]
+        assert {k for k in last if "_rank_avg/" in k} >= {"valid_val_VR_rank_avg/VR_r1"}
+
+
+def _vr_shard(qids, correct):
+    """A VR submission and its GT over ``qids``: top-1 right for the queries in ``correct``."""
+    gts = [{"desc_id": q, "vid_name": "abc"[q % 3]} for q in qids]
+    preds = [{"desc_id": q, "desc": "", "predictions": [[(q % 3 + (q not in correct)) % 3,
+                                                         0, 0, 1.0]]} for q in qids]
+    return {"video2idx": {"a": 0, "b": 1, "c": 2}, "VR": preds}, gts
+
+
+def test_rank_avg_is_over_the_query_shards_of_the_virtual_ranks(monkeypatch):
+    """``_rank_avg`` with N = 4 virtual ranks on W = 2 (and 1) processes is the average over
+    the shards ``qids[g::4]`` the 4 ranks of a 4-process run hold, not over the processes'."""
+    from eval import retrieval
+    from eval.retrieval import FullEvalSetting, rank_weighted_average, score_submission
+    from utils.tvr_standalone_eval import eval_retrieval
+
+    qids, correct = list(range(7)), {0, 1, 5}
+    kwargs = dict(iou_thds=retrieval.IOU_THDS, verbose=False, match_number=True,
+                  use_desc_type=False)
+    by_rank = [_vr_shard(qids[g::4], correct) for g in range(4)]
+    expected = rank_weighted_average([eval_retrieval(*sg, **kwargs) for sg in by_rank],
+                                     [len(gts) for _, gts in by_rank])
+    setting = FullEvalSetting(tasks=("VR",), k_videos=3, video_batch_size=1, distributed=True,
+                              ranks=4)
+    exact, avg = score_submission(*_vr_shard(qids, correct), setting)  # 1 process
+    assert avg == expected and exact["VR"]["r1"] == 42.86
+    assert expected["VR"]["r1"] == pytest.approx(300 / 7)
+    procs = [_vr_shard(qids[r::2], correct) for r in range(2)]
+    other = (*procs[1], retrieval._shard_metrics(*procs[1], 2, kwargs))
+    monkeypatch.setattr(retrieval, "get_world_size", lambda: 2)
+    monkeypatch.setattr(retrieval, "all_gather_object", lambda obj: [obj, other])
+    assert score_submission(*procs[0], setting) == (exact, expected)  # process 0 of 2
+    setting.ranks = 2  # a 2-process run averages over its 2 shards: another number
+    other = (*procs[1], retrieval._shard_metrics(*procs[1], 1, kwargs))
+    assert score_submission(*procs[0], setting)[1]["VR"]["r1"] == pytest.approx(
+        (4 * 25 + 3 * 66.67) / 7)
 
 
 def pretrain_config(tmp_path, toy_dbs, ratio=(1, 1, 1, 3)) -> Path:
