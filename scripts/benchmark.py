@@ -7,6 +7,7 @@ Usage (from the repository root)::
     python scripts/benchmark.py tvc [--corpus DBS --toker DIR] [--tvc_config FILE] [...]
     python scripts/benchmark.py extract [--extract_seconds 6] [--extract_workers 0 2] [...]
     python scripts/benchmark.py virtual [--virtual_n 2] [--virtual_task vsm] [...]
+    python scripts/benchmark.py search [--search_videos 1000] [--search_queries 7]
     python scripts/benchmark.py all  [...]
 
 Every line is ``{"figure": str, "value": float, "unit": str, "device": str}``.
@@ -292,6 +293,21 @@ def _add_virtual_arguments(parser: argparse.ArgumentParser) -> None:
 def bench_virtual(opts) -> list:
     from scripts.bench_virtual import run_virtual_bench
     return run_virtual_bench(opts, corpus_dir, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# search (moment-search query latency on CPU, 1,000 synthetic videos; code in search/bench.py)
+# ---------------------------------------------------------------------------------------------
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    from search.bench import add_arguments
+    add_arguments(parser)
+
+
+@register("search", "MomentIndex.search latency on CPU over a synthetic 1,000-video collection "
+          "(full-size model, TVR settings; median of the timed queries)", _add_search_arguments)
+def bench_search(opts) -> list:
+    from search.bench import bench_search as run
+    return run(opts, result)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,6 +153,28 @@ finetune_pair() {
     return "$rc"
 }
 
+# search_index: a moment-search index (issue 19) over the toy TV videos with the fine-tuned
+# (pre-trained init) TVR model, its last checkpoint.
+search_index() {
+    local run="$OUT/finetune/tvr_pretrained" ckpt
+    ckpt=$(ls "$run"/ckpt/model_step_*.pt | sort -V | tail -n 1)
+    fresh "$OUT/search_index" "$PY" scripts/build_index.py --video_db "$OUT/dbs/video_db/tv" \
+        --sub_txt_db "$OUT/dbs/txt_db/tv_subtitles.db" --model_dir "$run" --ckpt "$ckpt" \
+        --out "$OUT/search_index" --device cpu
+}
+
+# search_queries: two queries against that index (printed on every run; a second each).
+SEARCH_QUERIES=("Alice is looking for her camera in the kitchen."
+                "Felix is running on the beach and talks about the key.")
+search_queries() {
+    local query
+    for query in "${SEARCH_QUERIES[@]}"; do
+        echo "    query: $query"
+        "$PY" search_moments.py --index "$OUT/search_index" "$query" --top_k 5 --subtitles |
+            sed 's/^/    /'
+    done
+}
+
 # task, script, config
 FINETUNES=(
     "tvr train_vcmr.py train-tvr-demo.json"
@@ -168,12 +190,12 @@ main() {
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     mkdir -p "$OUT"
     : >"$OUT/timings.tsv"
-    N_STEPS=$((5 + ${#FINETUNES[@]}))
+    N_STEPS=$((7 + ${#FINETUNES[@]}))
     PRE_STEPS=${PRE_STEPS:-$(config_steps pretrain-demo.json)}
     local t0 spec task script config ft="${FT_STEPS:-config}"
     t0=$(date +%s)
     echo "hero demo -> $OUT (pre-training $PRE_STEPS updates, fine-tuning updates: $ft)"
-    local data_key pre_key
+    local data_key pre_key key tvr_key=""
     data_key=$(inputs_key "seed $SEED")
     STEP_KEY=$data_key step "generate toy corpus" fresh "$OUT/raw" \
         "$PY" scripts/make_toy_corpus.py --out "$OUT/raw" --seed "$SEED" --size demo
@@ -184,10 +206,18 @@ main() {
     STEP_KEY=$pre_key step "pre-train mlm, mfm-nce, fom, vsm ($PRE_STEPS updates)" pretrain
     for spec in "${FINETUNES[@]}"; do
         read -r task script config <<<"$spec"
-        STEP_KEY=$(inputs_key "$pre_key" $(config_files "$config")) \
+        key=$(inputs_key "$pre_key" $(config_files "$config"))
+        if [ "$task" = tvr ]; then tvr_key=$key; fi
+        STEP_KEY=$key \
             step "fine-tune + evaluate $task, pre-trained and from scratch ($(budget "$config"))" \
             finetune_pair "$task" "$script" "$config"
     done
+    STEP_KEY=$(inputs_key "$tvr_key" search-index) \
+        step "moment-search index of the TV videos (fine-tuned TVR model)" search_index
+    STEP_NO=$((STEP_NO + 1))
+    echo "==> [$STEP_NO/$N_STEPS] search the index: two queries"
+    search_queries ||
+        { echo "demo: step 'search the index' failed; see its output above." >&2; exit 1; }
     STEP_NO=$((STEP_NO + 1))
     echo "==> [$STEP_NO/$N_STEPS] report"
     "$PY" scripts/make_report.py --demo_dir "$OUT" ||

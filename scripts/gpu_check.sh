@@ -128,6 +128,7 @@ step data 60 "$BENCH/data.jsonl" "$PYTHON" "${B[@]}" data "${C[@]}" --workers 0 
     --num_batches 20
 step virtual 60 "$BENCH/virtual.jsonl" "$PYTHON" "${B[@]}" virtual "${C[@]}" \
     --virtual_task vsm --virtual_n 2
+step search 60 "$BENCH/search.jsonl" "$PYTHON" "${B[@]}" search --search_videos 1000
 step extract 75 "$BENCH/extract.jsonl" "$PYTHON" "${B[@]}" extract --extract_devices cuda \
     --extract_videos 1 --extract_seconds 4 --extract_workers 0
 [ "$DRY" = 1 ] && { echo "report        20s  writes $OUT/benchmarks_cuda.md and docs/benchmarks.md"; exit 0; }
