@@ -1,14 +1,5 @@
 #!/usr/bin/env bash
 # Download TVQA's data and the pre-trained checkpoint (upstream's release) into PATH_TO_STORAGE,
-# in upstream's layout video_db/ txt_db/ pretrained/ finetune/. The file list and the resume,
-# retry and skip-what-is-present behaviour are in scripts/download.py.
-# Usage: bash scripts/download_tvqa.sh PATH_TO_STORAGE
-#   HERO_DATA_URL=... fetches from a mirror; PYTHON=... picks the interpreter. Re-run to resume.
-set -euo pipefail
-if [ $# -ne 1 ]; then
-    echo "usage: $0 PATH_TO_STORAGE" >&2
-    exit 2
-fi
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m scripts.download tvqa "$1"
+# in upstream's layout video_db/ txt_db/ pretrained/ finetune/.
+# Usage: bash scripts/download_tvqa.sh PATH_TO_STORAGE (details: scripts/download_dataset.sh)
+exec bash "$(dirname "$0")/download_dataset.sh" tvqa "$@"

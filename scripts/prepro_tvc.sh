@@ -25,23 +25,7 @@ fi
 OUT=$1
 ANN=${2:-$1}
 TOKER=${3:-${TOKER:-roberta-base}}
-PY=${PYTHON:-python}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DATA_URL=${HERO_DATA_URL:-https://convaisharables.blob.core.windows.net/hero}
-ANN_URL=${HERO_ANN_URL:-https://raw.githubusercontent.com/jayleicn}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-
-fetch() {  # fetch FILE URL: download ANN/FILE from URL unless it is already there
-    if [ -f "$ANN/$1" ]; then
-        return
-    fi
-    echo "downloading $2 -> $ANN/$1"
-    "$PY" -m scripts.download file "$2" "$ANN/$1" || {
-        echo "could not download $ANN/$1 from $2; set HERO_DATA_URL / HERO_ANN_URL to a" \
-             "mirror, or put the file there yourself" >&2
-        exit 1
-    }
-}
+source "$(dirname "$0")/ann_fetch.sh"
 
 for DB in tvc_train.db tvc_val.db; do
     if [ -e "$OUT/$DB" ]; then

@@ -423,11 +423,16 @@ def main(argv=None) -> list:
     """Run the planned entries in order; print one line per run and the summary table.
     Returns the records; raises :class:`SmokeFailed` (exit 1) when a run failed."""
     opts = parse_args(argv)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop_children)
     smoke = Smoke(opts.dbs, opts.out, opts.steps, opts.precision, opts.extra,
                   timeout=opts.timeout, no_java=opts.no_java)
-    records = run_plan(smoke, opts.only, opts.nproc, opts.tag, opts.jobs)
+    # restored afterwards: a handler left behind would be inherited by any process a caller
+    # forks later (e.g. a multiprocessing pool, whose terminate() then hangs)
+    previous = {s: signal.signal(s, stop_children) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        records = run_plan(smoke, opts.only, opts.nproc, opts.tag, opts.jobs)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     table = summary_markdown(records)
     print(table)
     if opts.markdown:

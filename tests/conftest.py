@@ -37,3 +37,15 @@ def toy_dbs(toy_raw, tmp_path_factory) -> Path:
         pytest.fail(f"build_toy_dbs.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-3000:]}")
     return out
+
+
+@pytest.fixture(autouse=True)
+def _stop_signal_handlers_restored():
+    """Code run in-process must leave SIGTERM/SIGINT as it found them: a Python handler left
+    behind is inherited by every process forked later (multiprocessing pools), whose
+    ``terminate()`` then waits forever on workers that no longer die of SIGTERM."""
+    import signal
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    after = {s: signal.getsignal(s) for s in before}
+    assert after == before, f"signal handlers changed by this test: {before} -> {after}"
