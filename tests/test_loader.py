@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections import Counter
 from itertools import islice
 from types import SimpleNamespace
@@ -164,7 +165,12 @@ def test_build_dataloader_settings_and_worker_seeding():
 
 def test_worker_init_fn_seeds_random_and_numpy_from_torch_seed():
     torch.manual_seed(2**33 + 5)  # reduced modulo 2**32 for NumPy
-    loader_mod.worker_init_fn(0)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        loader_mod.worker_init_fn(0)  # a worker's function: it also sets stop-signal handlers
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
     got = (random.random(), float(np.random.rand()))
     random.seed(5)
     np.random.seed(5)
