@@ -3,8 +3,10 @@
 
 Each sub-config starts from BERT's constructor defaults and the JSON values overwrite them, so
 keys that no released JSON sets keep their defaults (notably ``layer_norm_eps = 1e-12``).
-Two keys are additions of this project and default to upstream behaviour:
-``attn_impl`` ("sdpa" fast path or "math" reference) and ``gradient_checkpointing``.
+Keys added by this project: ``attn_impl`` ("sdpa" fast path or "math" reference),
+``gradient_checkpointing`` (off), and for the F-TRM ``row_layout`` ("packed" rows without
+padding, or the "padded" reference, issue 17) and ``packed_attn`` ("bucket" / "jagged", None =
+by device).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ BERT_DEFAULTS = {
     "output_hidden_states": False,
     "attn_impl": "sdpa",
     "gradient_checkpointing": False,
+    "row_layout": "packed",
+    "packed_attn": None,
 }
 
 

@@ -9,6 +9,11 @@ Decisions on open points of the spec:
   place); the numbers are the same.
 - Losses (MLM CE, MFM-NCE, FOM CE) are computed on fp32 logits, also under autocast.
 - FOM keeps upstream's plain mean CE: a batch with no selected frame gives NaN (data.md §10.3).
+- F-TRM rows are packed by default (issue 17, :mod:`model.packing`): the layers see only the
+  valid tokens (§6.1 masks), the VCMR/VSM query rows share the subtitle rows' embedding pass and
+  encoder call, and the last layer computes only the slots a task reads (collected frames,
+  query tokens, MLM targets). ``row_layout="padded"`` is upstream's computation; tests hold
+  the two equal (fp32 relative error <= 1e-5, outputs and gradients).
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ from model.embeddings import (
 )
 from model.layers import EMB_LN_EPS, BertEncoder, BertPooler, LinearLayer, MLPLayer, gelu
 from model.layers import init_weights as _init_weights
+from model.packing import PACKED_ATTN, Packing
+
+ROW_LAYOUTS = ("packed", "padded")
 
 PAD_ROWS = 8  # rows of the (functionally unused) ``pad`` buffers
 MAX_CLIP_LEN = 100  # FOM classes; never overridden upstream
@@ -80,6 +88,11 @@ class CrossModalTrm(nn.Module):
 
     ``vocab_pad`` is 0 except after :func:`model.model.load_roberta` padded the vocabulary; the
     MLM logits then drop their last ``vocab_pad`` columns.
+
+    ``row_layout`` (config key, default ``"packed"``): the encoder layers run on the valid
+    tokens only (:mod:`model.packing`, issue 17); ``"padded"`` is upstream's computation, kept
+    as the reference. Padding slots of the packed output are 0 (no task reads them). ``packed_attn``
+    picks the row-wise attention (``None``: ``"jagged"`` on CUDA, ``"bucket"`` elsewhere).
     """
 
     def __init__(self, config, vfeat_dim: int, max_frm_seq_len: int):
@@ -93,10 +106,28 @@ class CrossModalTrm(nn.Module):
         self.lm_head = LMHead(config, self.embeddings.word_embeddings.weight)
         self.register_buffer("pad", torch.zeros(PAD_ROWS, config.hidden_size))
         self.vocab_pad = 0
+        self.row_layout = getattr(config, "row_layout", "packed")
+        self.packed_attn = getattr(config, "packed_attn", None)
 
-    def embed(self, txt_ids, txt_pos, img_feat, img_pos, gather_index, img_masks=None):
-        """Compact frames-then-text embeddings; text-only or frames-only when one is None."""
-        txt_emb = None if txt_ids is None else self.embeddings(txt_ids, txt_pos)
+    def packs(self, like: torch.Tensor) -> bool:
+        """Whether rows are packed: ``row_layout`` says so and ``like`` has values (meta
+        tensors have none to find the valid slots with, so they take the padded path)."""
+        if self.row_layout not in ROW_LAYOUTS:
+            raise ValueError(f"unknown row_layout {self.row_layout!r}; expected {ROW_LAYOUTS}")
+        return self.row_layout == "packed" and like.device.type != "meta"
+
+    def run_encoder(self, emb, attn_masks):
+        """Encoder stack over (R, L, D) rows with a 0/1 (R, L) mask -> (R, L, D)."""
+        if not self.packs(emb):
+            return self.encoder(emb, attn_masks)
+        return self.encode_packed([emb], [attn_masks])[0]
+
+    def embed(self, txt_ids, txt_pos, img_feat, img_pos, gather_index, img_masks=None,
+              txt_emb=None):
+        """Compact frames-then-text embeddings; text-only or frames-only when one is None.
+        ``txt_emb`` passes text embeddings already computed (see :meth:`forward_frames`)."""
+        if txt_emb is None and txt_ids is not None:
+            txt_emb = self.embeddings(txt_ids, txt_pos)
         if img_feat is None:
             return txt_emb
         types = token_type_lookup(self.embeddings.token_type_embeddings, img_feat)
@@ -107,7 +138,7 @@ class CrossModalTrm(nn.Module):
 
     def encode(self, emb, attn_masks):
         """Encoder stack + pooler: (sequence, pooled)."""
-        seq = self.encoder(emb, attn_masks)
+        seq = self.run_encoder(emb, attn_masks)
         return seq, self.pooler(seq)
 
     def forward_repr(self, batch, img_masks=None):
@@ -115,16 +146,49 @@ class CrossModalTrm(nn.Module):
                          batch.get("f_v_pos_ids"), batch["f_gather_index"], img_masks)
         return self.encode(emb, batch["f_attn_masks"])
 
+    def forward_frames(self, batch, img_masks, read_index, query=None):
+        """(segment rows (R, L, D), query hidden (N, T, D) or None) for the T-TRM and VSM.
+
+        Packed layout: one text-embedding pass and one encoder call over the subtitle rows and
+        the ``query`` (ids, positions, mask) rows; the last layer computes only the segment
+        slots in ``read_index`` (rows, cols: what the collect reads, model.md §7.1) and the
+        query tokens, other slots are 0. Padded layout: upstream's two separate passes.
+        """
+        if not self.packs(batch["f_attn_masks"]):
+            rows = self.forward_repr(batch, img_masks)[0]
+            return rows, None if query is None else self.forward_txt(*query)
+        parts = [(batch["f_sub_input_ids"], batch["f_sub_pos_ids"])]
+        parts += [] if query is None else [query[:2]]
+        txt = self.embeddings.forward_many(parts)
+        emb = self.embed(None, None, batch["f_v_feats"], batch.get("f_v_pos_ids"),
+                         batch["f_gather_index"], img_masks, txt_emb=txt[0])
+        masks = [batch["f_attn_masks"]] + ([] if query is None else [query[2]])
+        read = torch.zeros(masks[0].shape, dtype=torch.bool, device=emb.device)
+        read[read_index] = True
+        outs = self.encode_packed([emb] + txt[1:], masks, [read] + masks[1:])
+        return outs[0], outs[1] if query is not None else None
+
+    def encode_packed(self, embs, masks, read_masks=None):
+        """Encoder over several padded inputs packed together; ``read_masks`` (one per input)
+        restricts the last layer to those slots (issue 17 items 1-3). Returns padded outputs."""
+        packing = Packing(masks, self.packed_attn or ("jagged" if embs[0].is_cuda else "bucket"))
+        last, slots = (None, None) if read_masks is None else packing.reading(read_masks)
+        return packing.unpack(self.encoder(packing.pack(*embs), packing, last), slots)
+
     def forward_txt(self, input_ids, position_ids, attn_masks):
         """Text-only pass (type id 1, no frames): sequence output (N, T, D)."""
-        return self.encoder(self.embeddings(input_ids, position_ids), attn_masks)
+        return self.run_encoder(self.embeddings(input_ids, position_ids), attn_masks)
 
     def forward_mlm(self, batch, compute_loss=True):
         """LM logits at ``txt_mask_tgt`` positions (row-major); per-token CE if asked."""
         emb = self.embed(batch["input_ids"], batch["position_ids"], batch["v_feat"],
                          batch.get("f_pos_ids"), batch["gather_index"])
-        seq = self.encoder(emb, batch["attn_masks"])
-        logits = self.lm_head(seq[batch["txt_mask_tgt"]])
+        masks, targets = batch["attn_masks"], batch["txt_mask_tgt"]
+        if not self.packs(emb):
+            seq = self.encoder(emb, masks)
+        else:                                  # the last layer computes the masked tokens only
+            seq = self.encode_packed([emb], [masks], [targets])[0]
+        logits = self.lm_head(seq[targets])
         if self.vocab_pad:
             logits = logits[:, :-self.vocab_pad]
         if not compute_loss:
@@ -140,6 +204,17 @@ class CrossModalTrm(nn.Module):
         if task.startswith("mlm"):
             return self.forward_mlm(batch, compute_loss)
         raise ValueError(f"CrossModalTrm: unknown task {task!r} (expected repr, txt or mlm*)")
+
+
+def set_row_layout(model: nn.Module, layout: str, packed_attn: str | None = None) -> nn.Module:
+    """Switch every F-TRM of ``model`` between ``"packed"`` rows and the ``"padded"`` reference."""
+    if layout not in ROW_LAYOUTS or packed_attn not in (None,) + PACKED_ATTN:
+        raise ValueError(f"unknown row layout {layout!r} / packed_attn {packed_attn!r}; "
+                         f"expected {ROW_LAYOUTS} / {PACKED_ATTN}")
+    for mod in model.modules():
+        if isinstance(mod, CrossModalTrm):
+            mod.row_layout, mod.packed_attn = layout, packed_attn
+    return model
 
 
 class TemporalTrm(nn.Module):
@@ -219,16 +294,17 @@ class HierarchicalVlModel(nn.Module):
         self.c_encoder.apply(fn)
 
     @staticmethod
-    def _collect_index(f_out, num_subs, sub_idx2frame_idx, clip_len):
-        """Flat (source row, source position, destination b·L+f) lists for the collect."""
-        if len(num_subs) != len(sub_idx2frame_idx) or sum(num_subs) != f_out.size(0):
+    def _collect_index(f_shape, num_subs, sub_idx2frame_idx, clip_len):
+        """Flat (source row, source position, destination b·L+f) lists for the collect, given
+        the (rows, width) of the F-TRM output."""
+        if len(num_subs) != len(sub_idx2frame_idx) or sum(num_subs) != f_shape[0]:
             raise ValueError(f"batch mismatch: num_subs {list(num_subs)} (sum {sum(num_subs)}) "
-                             f"vs {f_out.size(0)} F-TRM rows and {len(sub_idx2frame_idx)} "
+                             f"vs {f_shape[0]} F-TRM rows and {len(sub_idx2frame_idx)} "
                              "sub_idx2frame_idx entries")
         rows, cols, dest, offset = [], [], [], 0
         for b, (n_sub, pairs) in enumerate(zip(num_subs, sub_idx2frame_idx)):
             for sub_idx, frames in pairs:
-                if sub_idx >= n_sub or len(frames) > f_out.size(1) or (
+                if sub_idx >= n_sub or len(frames) > f_shape[1] or (
                         frames and max(frames) >= clip_len):
                     raise IndexError(
                         f"sub_idx2frame_idx[{b}] pair ({sub_idx}, {list(frames)}) does not fit "
@@ -242,26 +318,41 @@ class HierarchicalVlModel(nn.Module):
 
     def collect_frames(self, f_out, num_subs, sub_idx2frame_idx, clip_len):
         """Scatter-add segment frame outputs onto clip frames, rows addressed by sub_idx."""
-        rows, cols, dest = self._collect_index(f_out, num_subs, sub_idx2frame_idx, clip_len)
-        out = f_out.new_zeros(len(num_subs) * clip_len, f_out.size(-1))
+        index = self._collect_index(f_out.shape, num_subs, sub_idx2frame_idx, clip_len)
+        return self._collect(f_out, index, len(num_subs), clip_len)
+
+    @staticmethod
+    def _collect(f_out, index, num_videos, clip_len):
+        rows, cols, dest = index
+        out = f_out.new_zeros(num_videos * clip_len, f_out.size(-1))
         if dest:
             dev = f_out.device
             src = f_out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
             out = out.index_add(0, torch.tensor(dest, device=dev), src)
-        return out.view(len(num_subs), clip_len, f_out.size(-1))
+        return out.view(num_videos, clip_len, f_out.size(-1))
 
-    def _repr(self, batch, c_v_feats, f_v_masks=None, encode_clip=True):
-        f_out, _ = self.f_encoder.forward_repr(batch, f_v_masks)
-        collected = self.collect_frames(f_out, batch["num_subs"], batch["sub_idx2frame_idx"],
-                                        c_v_feats.size(1))
-        fused = self.frame_transform(c_v_feats) + collected
-        if not encode_clip:
-            return fused
-        return self.c_encoder(fused, batch["c_attn_masks"])
+    def _repr(self, batch, c_v_feats, f_v_masks=None, encode_clip=True, query=None):
+        """Fused frames X or the T-TRM output; with ``query`` also its F-TRM text hidden."""
+        clip_len, num_subs = c_v_feats.size(1), batch["num_subs"]
+        index = self._collect_index(batch["f_attn_masks"].shape, num_subs,
+                                    batch["sub_idx2frame_idx"], clip_len)
+        dev = c_v_feats.device
+        read = (torch.tensor(index[0], dtype=torch.long, device=dev),
+                torch.tensor(index[1], dtype=torch.long, device=dev))
+        f_out, q_out = self.f_encoder.forward_frames(batch, f_v_masks, read, query)
+        fused = self.frame_transform(c_v_feats) + self._collect(f_out, index, len(num_subs),
+                                                                clip_len)
+        out = self.c_encoder(fused, batch["c_attn_masks"]) if encode_clip else fused
+        return out if query is None else (out, q_out)
 
     def forward_repr(self, batch, encode_clip=True):
         """T-TRM output (B, L, D); with ``encode_clip=False`` the fused frames X before it."""
         return self._repr(batch, batch["c_v_feats"], None, encode_clip)
+
+    def forward_repr_query(self, batch, query_input_ids, query_pos_ids, query_attn_masks):
+        """(T-TRM output, F-TRM text hidden of the queries) from one F-TRM call when packed."""
+        return self._repr(batch, batch["c_v_feats"],
+                          query=(query_input_ids, query_pos_ids, query_attn_masks))
 
     def forward_mfm(self, batch, task="mfm-nce", compute_loss=True):
         """MFM (§7.2): masked clip frames get mask_embedding row 1, all others row 0."""

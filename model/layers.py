@@ -98,11 +98,21 @@ class BertSelfAttention(nn.Module):
         return self.merge_heads(attention(q, k, v, mask, p, self.attn_impl))
 
     def forward(self, hidden, attention_mask=None, kv_hidden=None):
+        if attention_mask is not None and not torch.is_tensor(attention_mask):
+            return self.forward_packed(hidden, attention_mask)
         kv_hidden = hidden if kv_hidden is None else kv_hidden
         q = self.split_heads(self.query(hidden))
         k = self.split_heads(self.key(kv_hidden))
         v = self.split_heads(self.value(kv_hidden))
         return self.attend(q, k, v, attention_mask)
+
+    def forward_packed(self, hidden, packing):
+        """Packed rows (T, D) with a :class:`model.packing.Packing` in place of the mask:
+        the projections see only valid tokens, attention stays inside each row (issue 17)."""
+        p = self.dropout.p if self.training else 0.0
+        q_hidden = hidden if packing.query_index is None else hidden[packing.query_index]
+        return packing.attend(self.query(q_hidden), self.key(hidden), self.value(hidden),
+                              self.num_attention_heads, p, self.attn_impl)
 
 
 class BertSelfOutput(nn.Module):
@@ -127,7 +137,12 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden, attention_mask=None):
-        return self.output(self.self(hidden, attention_mask), hidden)
+        """With a packing whose ``query_index`` is set, only those tokens come out."""
+        residual = hidden
+        query_index = getattr(attention_mask, "query_index", None)
+        if query_index is not None:
+            residual = hidden[query_index]
+        return self.output(self.self(hidden, attention_mask), residual)
 
 
 class BertIntermediate(nn.Module):
@@ -180,9 +195,17 @@ class BertEncoder(nn.Module):
     def param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def forward(self, hidden, attention_mask):
-        ext = extended_attention_mask(attention_mask, self.param_dtype())
-        for layer in self.layer:
+    def forward(self, hidden, attention_mask, last_mask=None):
+        """``attention_mask`` is the (N, L) 0/1 mask, or a :class:`model.packing.Packing` for
+        packed (T, D) rows (every layer op but attention is per token, model.md §4.3);
+        ``last_mask`` (a packing from :meth:`~model.packing.Packing.reading`) replaces it in
+        the last layer, which then computes only the tokens read."""
+        ext = attention_mask
+        if torch.is_tensor(attention_mask):
+            ext = extended_attention_mask(attention_mask, self.param_dtype())
+        for i, layer in enumerate(self.layer):
+            if last_mask is not None and i == len(self.layer) - 1:
+                ext = last_mask
             if self.gradient_checkpointing and self.training and hidden.requires_grad:
                 hidden = checkpoint(layer, hidden, ext, use_reentrant=False)
             else:

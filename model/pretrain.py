@@ -124,12 +124,11 @@ class HeroForPretraining(HeroModel):
     def forward_vsm(self, batch, compute_loss=True):
         """Training/validation: the weighted triple (lw_st_ed·L_st_ed, lw_neg_ctx·L_ctx,
         lw_neg_q·L_q). ``compute_loss=False``: (video scores or None, st, ed), not gathered."""
-        frames = self.v_encoder(batch, "repr")
         c_mask = batch["c_attn_masks"]
         q_args = (batch["query_input_ids"], batch["query_pos_ids"], batch["query_attn_masks"])
         if not compute_loss:
-            return self.get_pred_from_raw_query(frames, c_mask, *q_args)
-        query = self.encode_queries(*q_args)
+            return self.get_pred_from_raw_query(self.v_encoder(batch, "repr"), c_mask, *q_args)
+        frames, query = self._frames_and_query(batch, q_args)
         zero = frames.new_zeros(1)
         loss_st_ed = zero
         if self._span_loss_active():
@@ -144,6 +143,14 @@ class HeroForPretraining(HeroModel):
                 self.training)
         return (self.lw_st_ed * loss_st_ed, self.lw_neg_ctx * loss_ctx,
                 self.lw_neg_q * loss_q)
+
+    def _frames_and_query(self, batch, q_args):
+        """T-TRM frames and modular queries. Packed F-TRM rows: the subtitle and query rows
+        share one embedding pass and one F-TRM call (issue 17); padded: upstream's order."""
+        if not self.v_encoder.f_encoder.packs(batch["f_attn_masks"]):
+            return self.v_encoder(batch, "repr"), self.encode_queries(*q_args)
+        frames, hidden = self.v_encoder.forward_repr_query(batch, *q_args)
+        return frames, self.q_feat_attn(hidden, q_args[2])
 
     def _span_loss_active(self) -> bool:
         """lw_st_ed ≠ 0, and in train mode only if random.random() > drop_svmr_prob."""

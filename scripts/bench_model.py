@@ -51,14 +51,15 @@ PEAK_TFLOPS = (
 )
 TRAIN_WORKLOADS = ("vcmr_train", "tvc_train")
 GREEDY_WORKLOADS = ("tvc_greedy_cached", "tvc_greedy_full")
+PACK_WORKLOADS = ("vcmr_train_even", "vcmr_train_tvr", "vcmr_encode_tvr")  # bench_packing.py
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--vcmr_config", default=os.path.join(REPO, "config", "hero_finetune.json"))
     add("--tvc_config", default=os.path.join(REPO, "config", "hero_tvc.json"))
-    add("--model_workloads", nargs="+", default=list(TRAIN_WORKLOADS + GREEDY_WORKLOADS),
-        choices=TRAIN_WORKLOADS + GREEDY_WORKLOADS)
+    workloads = TRAIN_WORKLOADS + GREEDY_WORKLOADS + PACK_WORKLOADS
+    add("--model_workloads", nargs="+", default=list(workloads), choices=workloads)
     add("--model_attn_impls", nargs="+", default=["sdpa", "math"], choices=["sdpa", "math"])
     add("--model_device", default=None, help="cpu or cuda (default: cuda when available)")
     add("--model_precision", default=None, choices=["fp32", "bf16", "fp16"],
@@ -313,6 +314,8 @@ def run_model_bench(opts) -> list:
     label = device_label(device)
     results, greedy, cached = [], {}, (None, None)
     for workload in opts.model_workloads:
+        if workload in PACK_WORKLOADS:
+            continue
         kind = "vcmr" if workload == "vcmr_train" else "tvc"
         if cached[0] != kind:
             cached = (None, None)

@@ -48,7 +48,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from scripts import bench_model  # noqa: E402
+from scripts import bench_model, bench_packing  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,8 +213,16 @@ def bench_data(opts) -> list:
 # ---------------------------------------------------------------------------------------------
 # model (code in scripts/bench_model.py)
 # ---------------------------------------------------------------------------------------------
-register("model", "forward+backward of HeroForVcmr / HeroForTvc and TVC greedy decoding, "
-         "sdpa vs math attention", bench_model.add_model_arguments)(bench_model.run_model_bench)
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    bench_model.add_model_arguments(parser)
+    bench_packing.add_packing_arguments(parser)
+
+
+@register("model", "forward+backward of HeroForVcmr / HeroForTvc and TVC greedy decoding, "
+          "sdpa vs math attention; VCMR step and encoding, packed vs padded F-TRM rows",
+          _add_model_arguments)
+def bench_model_all(opts) -> list:
+    return bench_model.run_model_bench(opts) + bench_packing.run_packing_bench(opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +322,8 @@ def bench_search(opts) -> list:
 # entry point
 # ---------------------------------------------------------------------------------------------
 # A figure's reference is the same measurement of the baseline variant in the same run.
-REFERENCE_RULES = (("/sdpa/", "/math/"), ("/fast/", "/reference/"), ("/engine/", "/pure/"),
+REFERENCE_RULES = (("/sdpa/", "/math/"), ("/packed/", "/padded/"), ("/jagged/", "/padded/"),
+                   ("/fast/", "/reference/"), ("/engine/", "/pure/"),
                    ("/decode_cached/", "/decode_full_recompute/"),
                    ("/tvc_greedy_cached/", "/tvc_greedy_full/"))
 RATIO_UNITS = ("x", "fraction", "bool")

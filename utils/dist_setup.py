@@ -63,6 +63,18 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def end_distributed() -> None:
+    """After a run that ended alike on every rank: wait for all ranks, then close the group.
+
+    Why: a rank that exits while a peer's Gloo connections are still open can make the peer
+    abort ("terminate called without an active exception", exit -6) as its group is torn down
+    at interpreter exit; meeting first and closing explicitly avoids the race.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def sum_allreduce_hook(process_group, bucket):
     """DDP comm hook: all-reduce a gradient bucket with SUM and no division (upstream §3.7)."""
     group = process_group if process_group is not None else dist.group.WORLD

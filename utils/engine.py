@@ -88,6 +88,7 @@ from model.layers import set_dropout
 from optim.misc import build_optimizer
 from optim.sched import get_lr_sched, set_lr
 from utils.dist_setup import (
+    end_distributed,
     init_distributed,
     max_over_ranks,
     maybe_no_sync,
@@ -290,6 +291,7 @@ class Trainer:
                 if self._stop_signum:
                     self._stop_for_signal()
                 self.finish()
+            end_distributed()  # every rank got here: meet, then close the process group
         except BaseException as exc:
             self._log_fatal(exc)
             raise
