@@ -34,7 +34,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,7 +43,7 @@ if str(ROOT) not in sys.path:  # also when run as a script (the served app, belo
     sys.path.insert(0, str(ROOT))
 
 from scripts.extract.video_io import write_test_video  # noqa: E402
-from search import web  # noqa: E402
+from search import Moment, web  # noqa: E402
 
 FPS = 10
 # name -> (file name or None, seconds, codec); vA and vB are played by the browser
@@ -62,16 +61,6 @@ PAGE_TIMEOUT_S = 90
 
 
 # --------------------------------------------------------------------------- stand-in index
-@dataclass
-class FakeMoment:
-    video: str
-    path: str | None
-    start: float
-    end: float
-    score: float
-    rank: int
-
-
 class FakeIndex:
     """A MomentIndex stand-in: each subtitle line is a moment, scored by the share of the
     query's words it contains (ties: video name, start)."""
@@ -96,7 +85,7 @@ class FakeIndex:
         scored = [(len(words & set(text.split())) / len(words), v, st, ed)
                   for v, lines in SUBTITLES.items() for st, ed, text in lines]
         scored = sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], s[1], s[2]))
-        return [FakeMoment(v, self.paths[v], st, ed, score, rank)
+        return [Moment(v, self.paths[v], st, ed, score, rank)
                 for rank, (score, v, st, ed) in enumerate(scored[:top_k], 1)]
 
 
@@ -440,7 +429,7 @@ def test_thumbnail_is_the_first_frame_of_the_moment(tmp_path):
 def test_page_serves_only_the_index_files_and_escapes_text(tmp_path):
     index = FakeIndex(make_videos(tmp_path))
     assert web.allowed_files(index) == sorted(p for p in index.paths.values() if p)
-    moment = FakeMoment("<b>x</b>", None, 1.0, 2.0, 0.5, 1)
+    moment = Moment("<b>x</b>", None, 1.0, 2.0, 0.5, 1)
     index.subtitles = lambda *a: ["<script>alert(1)</script>"]
     row = web.render_moment(index, moment)
     assert "<script>" not in row and "&lt;b&gt;x&lt;/b&gt;" in row and "<video" not in row

@@ -72,7 +72,7 @@ def end_distributed() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    cleanup_distributed()
 
 
 def sum_allreduce_hook(process_group, bucket):
@@ -107,11 +107,6 @@ def maybe_no_sync(model, sync: bool):
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank if ``flag`` is True on at least one."""
-    return max_over_ranks([float(bool(flag))], device)[0] > 0
 
 
 def max_over_ranks(values, device) -> list:
