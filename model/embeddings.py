@@ -59,24 +59,6 @@ class RobertaTextEmbeddings(nn.Module):
         emb = self.word_embeddings(input_ids) + self.position_embeddings(position_ids) + types
         return self.dropout(self.LayerNorm(emb))
 
-    def forward_many(self, parts):
-        """:meth:`forward` of several ``(input_ids, position_ids)`` pairs with one word lookup.
-
-        The dense (vocab × D) gradient of the word table is then built once per step instead
-        of once per text input (issue 17 item 3: subtitle rows and VCMR queries).
-        """
-        ids = torch.cat([input_ids.reshape(-1) for input_ids, _ in parts])
-        words = self.word_embeddings(ids).split([input_ids.numel() for input_ids, _ in parts])
-        types = token_type_lookup(self.token_type_embeddings, ids)
-        out = []
-        for word, (input_ids, position_ids) in zip(words, parts):
-            if position_ids is None:
-                position_ids = self.default_position_ids(input_ids)
-            emb = (word.view(*input_ids.shape, -1) + self.position_embeddings(position_ids)
-                   + types)
-            out.append(self.dropout(self.LayerNorm(emb)))
-        return out
-
 
 class FrameEmbeddings(nn.Module):
     """F-TRM frame embeddings (``img_embeddings``, model.md §5.2).

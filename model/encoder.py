@@ -9,11 +9,11 @@ Decisions on open points of the spec:
   place); the numbers are the same.
 - Losses (MLM CE, MFM-NCE, FOM CE) are computed on fp32 logits, also under autocast.
 - FOM keeps upstream's plain mean CE: a batch with no selected frame gives NaN (data.md §10.3).
-- F-TRM rows are packed by default (issue 17, :mod:`model.packing`): the layers see only the
-  valid tokens (§6.1 masks), the VCMR/VSM query rows share the subtitle rows' embedding pass and
-  encoder call, and the last layer computes only the slots a task reads (collected frames,
-  query tokens, MLM targets). ``row_layout="padded"`` is upstream's computation; tests hold
-  the two equal (fp32 relative error <= 1e-5, outputs and gradients).
+- F-TRM rows are packed by default (issue 17, :mod:`model.packing`): the embeddings and the
+  layers see only the valid tokens (§6.1 masks), the VCMR/VSM query rows share the subtitle
+  rows' embedding pass and encoder call, and the last layer computes only the slots a task
+  reads (collected frames, query tokens, MLM targets). ``row_layout="padded"`` is upstream's
+  computation; tests hold the two equal (fp32 relative error <= 1e-5, outputs and gradients).
 """
 from __future__ import annotations
 
@@ -83,6 +83,20 @@ def gather_compact(img_emb, txt_emb, gather_index):
     return torch.gather(emb, 1, index)
 
 
+def _compact_sources(packing, gather_index, num_frames: int, num_text: int):
+    """Where the packed tokens of compact rows (the first input of ``packing``) come from:
+    (flat frame indices (R·F), their positions in the row, flat text indices (R·Lt), is-frame
+    flag per such token), via ``gather_index`` (frames first, §6.1)."""
+    width = gather_index.size(1)
+    slots = packing.index[:sum(packing.lengths[:gather_index.size(0)])]
+    rows = torch.div(slots, width, rounding_mode="floor")
+    src = gather_index.reshape(-1)[slots]
+    is_frame = src < num_frames
+    frame_pos = src[is_frame]
+    text_rows = (rows * num_text + src - num_frames)[~is_frame]
+    return rows[is_frame] * num_frames + frame_pos, frame_pos, text_rows, is_frame
+
+
 class CrossModalTrm(nn.Module):
     """F-TRM (``v_encoder.f_encoder``, model.md §6): one row per subtitle segment.
 
@@ -120,7 +134,8 @@ class CrossModalTrm(nn.Module):
         """Encoder stack over (R, L, D) rows with a 0/1 (R, L) mask -> (R, L, D)."""
         if not self.packs(emb):
             return self.encoder(emb, attn_masks)
-        return self.encode_packed([emb], [attn_masks])[0]
+        packing = self.new_packing([attn_masks], emb)
+        return self.encode_packed(packing.pack(emb), packing)[0]
 
     def embed(self, txt_ids, txt_pos, img_feat, img_pos, gather_index, img_masks=None,
               txt_emb=None):
@@ -141,39 +156,84 @@ class CrossModalTrm(nn.Module):
         seq = self.run_encoder(emb, attn_masks)
         return seq, self.pooler(seq)
 
+    def embed_packed(self, packing, sub, query=None, img_masks=None):
+        """The packed (T, D) input of ``packing`` (compact subtitle rows, then the ``query``
+        (ids, positions) rows) embedded at valid slots only, so LayerNorm, dropout and the
+        frame linear see no padding (issue 17, item 1); per token it is :meth:`embed`.
+        ``sub`` = (ids, positions, frame features, frame positions, gather_index) (§6.1)."""
+        ids, pos, feats, img_pos, gather_index = sub
+        if ids is None or feats is None:
+            return packing.pack(self.embed(*sub, img_masks=img_masks),
+                                *([] if query is None else [self.embeddings(*query[:2])]))
+        frame_rows, frame_pos, text_rows, is_frame = _compact_sources(
+            packing, gather_index, feats.size(1), ids.size(1))
+        texts = [(ids, pos, text_rows)]
+        if query is not None:
+            rows = packing.index[is_frame.numel():] - gather_index.numel()
+            texts.append((query[0], query[1], rows))
+        txt_emb = self._embed_text_tokens(texts)
+        if img_pos is not None:
+            frame_pos = img_pos.expand(gather_index.size(0), -1).reshape(-1)[frame_rows]
+        masks = None if img_masks is None else img_masks.reshape(-1)[frame_rows][None]
+        types = token_type_lookup(self.embeddings.token_type_embeddings, feats)
+        img_emb = self.img_embeddings(feats.reshape(-1, feats.size(-1))[frame_rows][None],
+                                      frame_pos[None], types, masks)[0]
+        is_frame = F.pad(is_frame, (0, packing.num_tokens - is_frame.numel()))
+        order = torch.where(is_frame, is_frame.cumsum(0) - 1,
+                            img_emb.size(0) + (~is_frame).cumsum(0) - 1)
+        return torch.cat([img_emb, txt_emb])[order]
+
+    def _embed_text_tokens(self, texts):
+        """Text embeddings (n, D) of the tokens ``rows`` (flat) of each (ids, positions, rows),
+        with one word-table lookup: its dense gradient is built once (issue 17, item 3)."""
+        all_ids, all_pos = [], []
+        for ids, pos, rows in texts:
+            pos = self.embeddings.default_position_ids(ids) if pos is None else pos
+            all_ids.append(ids.reshape(-1)[rows])
+            all_pos.append(pos.expand_as(ids).reshape(-1)[rows])
+        return self.embeddings(torch.cat(all_ids)[None], torch.cat(all_pos)[None])[0]
+
     def forward_repr(self, batch, img_masks=None):
-        emb = self.embed(batch["f_sub_input_ids"], batch["f_sub_pos_ids"], batch["f_v_feats"],
-                         batch.get("f_v_pos_ids"), batch["f_gather_index"], img_masks)
-        return self.encode(emb, batch["f_attn_masks"])
+        sub = (batch["f_sub_input_ids"], batch["f_sub_pos_ids"], batch["f_v_feats"],
+               batch.get("f_v_pos_ids"), batch["f_gather_index"])
+        masks = batch["f_attn_masks"]
+        if not self.packs(masks):
+            return self.encode(self.embed(*sub, img_masks), masks)
+        packing = self.new_packing([masks], masks)
+        seq = self.encode_packed(self.embed_packed(packing, sub, img_masks=img_masks),
+                                 packing)[0]
+        return seq, self.pooler(seq)
 
     def forward_frames(self, batch, img_masks, read_index, query=None):
         """(segment rows (R, L, D), query hidden (N, T, D) or None) for the T-TRM and VSM.
 
-        Packed layout: one text-embedding pass and one encoder call over the subtitle rows and
-        the ``query`` (ids, positions, mask) rows; the last layer computes only the segment
-        slots in ``read_index`` (rows, cols: what the collect reads, model.md §7.1) and the
-        query tokens, other slots are 0. Padded layout: upstream's two separate passes.
+        Packed layout: one embedding pass and one encoder call over the subtitle rows and the
+        ``query`` (ids, positions, mask) rows; the last layer computes only the segment slots
+        in ``read_index`` (rows, cols: what the collect reads, model.md §7.1) and the query
+        tokens, other slots are 0. Padded layout: upstream's two separate passes.
         """
         if not self.packs(batch["f_attn_masks"]):
             rows = self.forward_repr(batch, img_masks)[0]
             return rows, None if query is None else self.forward_txt(*query)
-        parts = [(batch["f_sub_input_ids"], batch["f_sub_pos_ids"])]
-        parts += [] if query is None else [query[:2]]
-        txt = self.embeddings.forward_many(parts)
-        emb = self.embed(None, None, batch["f_v_feats"], batch.get("f_v_pos_ids"),
-                         batch["f_gather_index"], img_masks, txt_emb=txt[0])
         masks = [batch["f_attn_masks"]] + ([] if query is None else [query[2]])
-        read = torch.zeros(masks[0].shape, dtype=torch.bool, device=emb.device)
+        packing = self.new_packing(masks, masks[0])
+        sub = (batch["f_sub_input_ids"], batch["f_sub_pos_ids"], batch["f_v_feats"],
+               batch.get("f_v_pos_ids"), batch["f_gather_index"])
+        read = torch.zeros(masks[0].shape, dtype=torch.bool, device=masks[0].device)
         read[read_index] = True
-        outs = self.encode_packed([emb] + txt[1:], masks, [read] + masks[1:])
+        outs = self.encode_packed(self.embed_packed(packing, sub, query, img_masks), packing,
+                                  [read] + masks[1:])
         return outs[0], outs[1] if query is not None else None
 
-    def encode_packed(self, embs, masks, read_masks=None):
-        """Encoder over several padded inputs packed together; ``read_masks`` (one per input)
+    def new_packing(self, masks, like):
+        """A :class:`Packing` of ``masks`` with this module's attention choice."""
+        return Packing(masks, self.packed_attn or ("jagged" if like.is_cuda else "bucket"))
+
+    def encode_packed(self, packed, packing, read_masks=None):
+        """Encoder over packed (T, D) tokens; ``read_masks`` (one per input of ``packing``)
         restricts the last layer to those slots (issue 17 items 1-3). Returns padded outputs."""
-        packing = Packing(masks, self.packed_attn or ("jagged" if embs[0].is_cuda else "bucket"))
         last, slots = (None, None) if read_masks is None else packing.reading(read_masks)
-        return packing.unpack(self.encoder(packing.pack(*embs), packing, last), slots)
+        return packing.unpack(self.encoder(packed, packing, last), slots)
 
     def forward_txt(self, input_ids, position_ids, attn_masks):
         """Text-only pass (type id 1, no frames): sequence output (N, T, D)."""
@@ -181,13 +241,14 @@ class CrossModalTrm(nn.Module):
 
     def forward_mlm(self, batch, compute_loss=True):
         """LM logits at ``txt_mask_tgt`` positions (row-major); per-token CE if asked."""
-        emb = self.embed(batch["input_ids"], batch["position_ids"], batch["v_feat"],
-                         batch.get("f_pos_ids"), batch["gather_index"])
+        sub = (batch["input_ids"], batch["position_ids"], batch["v_feat"],
+               batch.get("f_pos_ids"), batch["gather_index"])
         masks, targets = batch["attn_masks"], batch["txt_mask_tgt"]
-        if not self.packs(emb):
-            seq = self.encoder(emb, masks)
+        if not self.packs(masks):
+            seq = self.encoder(self.embed(*sub), masks)
         else:                                  # the last layer computes the masked tokens only
-            seq = self.encode_packed([emb], [masks], [targets])[0]
+            packing = self.new_packing([masks], masks)
+            seq = self.encode_packed(self.embed_packed(packing, sub), packing, [targets])[0]
         logits = self.lm_head(seq[targets])
         if self.vocab_pad:
             logits = logits[:, :-self.vocab_pad]

@@ -14,12 +14,14 @@ must stay inside a row; two equivalent ways are kept:
   ``scaled_dot_product_attention`` maps onto the fused variable-length (flash / memory-
   efficient) kernels: no padding at all.
 
-All buckets' slots are gathered from the packed tokens at once (one gather each for Q, K and
-V per layer, buckets are then contiguous views) and the outputs selected back at once. Their
-backward is a gather too (:class:`_SlotGather`, :class:`_SlotSelect`) instead of autograd's
-scatter: on this CPU the backward of ``index_select`` (a ``scatter_add`` over an expanded index)
-took ~17x as long as that of advanced indexing (an accumulating ``index_put_``) for a
-600 x 768 gather, and both are scatters (issue 17, item 4).
+Each bucket's Q, K and V are gathered straight into the head-major ``(rows, H, width, d)``
+layout attention multiplies in (gathering 64-float head rows costs what gathering tokens
+does), so no transpose or ``contiguous`` copy of heads is left in forward or backward, and the
+outputs are selected back from that layout at once. The backward of the gather is a gather
+too (:class:`_SlotGather`, :class:`_SlotSelect`) instead of autograd's scatter: on this CPU the
+backward of ``index_select`` (a ``scatter_add`` over an expanded index) took ~17x as long as
+that of advanced indexing (an accumulating ``index_put_``) for a 600 x 768 gather, and both
+are scatters (issue 17, item 4).
 
 Masked keys get probability exactly 0 in fp32 softmax (exp(−10000 + s) underflows), so both are
 the padded computation minus the padding slots: outputs agree to rounding (tests compare them).
@@ -124,56 +126,75 @@ class Packing:
 
     def _attend_buckets(self, q, k, v, num_heads, dropout_p, impl):
         if self._buckets is None:
-            self._buckets = _make_buckets(self.lengths, self.q_lengths, q.device)
-        (q_gather, q_inverse, kv_gather, kv_inverse), buckets = self._buckets
+            self._buckets = _make_buckets(self.lengths, self.q_lengths, num_heads, q.device)
+        (q_chunks, q_inverse, kv_chunks, kv_inverse), buckets = self._buckets
+        if not buckets:                                   # no token is read: nothing to attend
+            return q.new_zeros(0, q.size(-1))
         d = q.size(-1) // num_heads
-        q_all = _SlotGather.apply(q, q_gather, q_inverse)
-        k_all, v_all = (_SlotGather.apply(x, kv_gather, kv_inverse) for x in (k, v))
+        impl = _bucket_impl(impl, dropout_p, q.device)
+        q_all = _SlotGather.apply(q, d, q_inverse, *q_chunks)
+        k_all, v_all = (_SlotGather.apply(x, d, kv_inverse, *kv_chunks) for x in (k, v))
         outs = []
-        for (q0, q1, width_q), (k0, k1, width), key_mask in buckets:
-            qh = q_all[q0:q1].view(-1, width_q, num_heads, d).transpose(1, 2)
-            kh, vh = (x[k0:k1].view(-1, width, num_heads, d).transpose(1, 2)
-                      for x in (k_all, v_all))
-            out = attention(qh, kh, vh, key_mask.to(q.dtype), dropout_p, impl)
-            outs.append(out.transpose(1, 2).reshape(-1, q.size(-1)))
-        return _SlotSelect.apply(torch.cat(outs), q_inverse)
+        for qh, kh, vh, key_mask in zip(q_all, k_all, v_all, buckets):
+            outs.append(attention(qh, kh, vh, key_mask.to(q.dtype), dropout_p, impl))
+        return _SlotSelect.apply(q_inverse, *outs).view(q.size(0), -1)
+
+
+def _bucket_impl(impl: str, dropout_p: float, device: torch.device) -> str:
+    """``"math"`` where SDPA would run its unfused math kernel anyway (off CUDA with dropout:
+    the CPU flash kernel takes no dropout). That kernel scales Q and K (rows x d each, forward
+    and backward) and checks for fully masked rows; the reference scales the (rows x rows)
+    scores once, fewer passes for the same softmax (issue 17, item 4)."""
+    return "math" if impl == "sdpa" and dropout_p > 0 and device.type != "cuda" else impl
 
 
 class _SlotGather(torch.autograd.Function):
-    """Tokens (T, D) -> bucket slots (S, D) by ``index``; pad slots repeat token 0.
+    """Tokens (T, H·d) -> one contiguous (rows, H, width, d) tensor per bucket, so attention
+    needs no transpose of heads (issue 17, item 4). ``chunks`` (rows, H, width) hold the
+    source (token·H + head) rows; pad slots repeat row 0.
 
-    Backward reads each token's gradient from its one valid slot ``inverse`` (T,) (S = none:
-    a zero row), dropping what reached pad slots. That is exact: pad keys/values have softmax
-    probability exactly 0 and pad queries are never selected, so their gradients are 0. It
-    replaces an ``index_put_`` with accumulation by a plain gather (issue 17, item 4).
+    Backward reads each (token, head) gradient from its one slot (``inverse``, T·H; the
+    extra last row = zero for tokens in no bucket), dropping what reached pad slots. That is
+    exact: pad keys/values have softmax probability exactly 0 and pad queries are never
+    selected, so their gradients are 0. A gather instead of autograd's scatter-add.
     """
 
     @staticmethod
-    def forward(ctx, x, index, inverse):
+    def forward(ctx, x, head_dim, inverse, *chunks):
         ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
+        ctx.token_shape = x.shape
+        rows = x.reshape(-1, head_dim)
+        return tuple(rows.index_select(0, c.view(-1)).view(*c.shape, head_dim) for c in chunks)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         (inverse,) = ctx.saved_tensors
-        grad = torch.cat([grad, grad.new_zeros(1, grad.size(1))])
-        return grad.index_select(0, inverse), None, None
+        d = grads[0].size(-1)
+        flat = grads[0].new_empty(sum(g.numel() for g in grads) // d + 1, d)
+        for part, g in zip(flat.split([g.numel() // d for g in grads] + [1]), grads):
+            part.view(g.shape).copy_(g)
+        flat[-1].zero_()
+        grad = flat.index_select(0, inverse).view(ctx.token_shape)
+        return (grad, None, None) + (None,) * len(grads)
 
 
 class _SlotSelect(torch.autograd.Function):
-    """Slots (S, D) -> tokens by an injective ``index``; backward scatters into zeros."""
+    """Head-major bucket outputs -> (T_q·H, d) rows by an injective ``index`` (the query
+    tokens' slots); backward scatters into zeros and splits back per bucket."""
 
     @staticmethod
-    def forward(ctx, x, index):
+    def forward(ctx, index, *outs):
         ctx.save_for_backward(index)
-        ctx.num_slots = x.size(0)
-        return x.index_select(0, index)
+        ctx.shapes = [o.shape for o in outs]
+        d = outs[0].size(-1)
+        return torch.cat([o.reshape(-1, d) for o in outs]).index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.num_slots, grad.size(1))
-        return out.index_copy(0, index, grad), None
+        sizes = [s.numel() // grad.size(1) for s in ctx.shapes]
+        full = grad.new_zeros(sum(sizes), grad.size(1)).index_copy_(0, index, grad)
+        return (None,) + tuple(p.view(s) for p, s in zip(full.split(sizes), ctx.shapes))
 
 
 def _bucket_rows(lengths, q_lengths):
@@ -200,26 +221,46 @@ def _padded_gather(group, starts, lengths, width, gather, inverse):
         gather += list(range(starts[r], starts[r] + lengths[r])) + [0] * (width - lengths[r])
 
 
-def _make_buckets(lengths, q_lengths, device):
-    """Slot layouts of all buckets, concatenated: ((q gather, q inverse, kv gather, kv
-    inverse), per bucket ((q slot range, q width), (kv slot range, kv width), key mask))."""
+def _head_major(gather, inverse, spans, num_heads, device):
+    """Token slots -> (token·H + head) rows in head-major bucket order: (per-bucket source
+    rows (rows, H, width), each (token, head)'s row in the concatenated buckets; tokens
+    without a slot -> the row after the last). ``spans``: (first slot, slots, width) each."""
+    heads = torch.arange(num_heads)
+    src = torch.tensor(gather, dtype=torch.long)[:, None] * num_heads + heads
+    where = torch.empty(len(gather), num_heads, dtype=torch.long)
+    for s0, count, width in spans:
+        local = torch.arange(count)
+        base = s0 * num_heads + local // width * num_heads * width + local % width
+        where[s0:s0 + count] = base[:, None] + heads * width
+    order = torch.empty(src.numel(), dtype=torch.long)
+    order[where.reshape(-1)] = src.reshape(-1)
+    slots = torch.tensor([len(gather) if i is None else i for i in inverse], dtype=torch.long)
+    rows = torch.cat([where, torch.full((1, num_heads), src.numel())])[slots].reshape(-1)
+    chunks = order.split([count * num_heads for _, count, _ in spans])
+    return ([c.view(count // width, num_heads, width).to(device)
+             for c, (_, count, width) in zip(chunks, spans)], rows.to(device))
+
+
+def _make_buckets(lengths, q_lengths, num_heads, device):
+    """Slot layouts of all buckets: ((q source rows per bucket, q inverse, kv source rows per
+    bucket, kv inverse), key mask per bucket); see :func:`_head_major`."""
     starts, q_starts = [0], [0]
     for n, nq in zip(lengths, q_lengths):
         starts.append(starts[-1] + n)
         q_starts.append(q_starts[-1] + nq)
-    q_gather, kv_gather, buckets = [], [], []
+    q_gather, kv_gather, buckets, q_spans, kv_spans = [], [], [], [], []
     q_inverse, kv_inverse = [None] * q_starts[-1], [None] * starts[-1]
     for group in _bucket_rows(lengths, q_lengths):
         width, width_q = lengths[group[0]], max(q_lengths[r] for r in group)
         q0, k0 = len(q_gather), len(kv_gather)
         _padded_gather(group, starts, lengths, width, kv_gather, kv_inverse)
         _padded_gather(group, q_starts, q_lengths, width_q, q_gather, q_inverse)
+        q_spans.append((q0, len(q_gather) - q0, width_q))
+        kv_spans.append((k0, len(kv_gather) - k0, width))
         key_mask = torch.full((len(kv_gather) - k0,), ATTN_MASK_VALUE, device=device)
         valid = [kv_inverse[starts[r] + j] - k0 for r in group for j in range(lengths[r])]
         key_mask[torch.tensor(valid, dtype=torch.long, device=device)] = 0.0
-        buckets.append(((q0, len(q_gather), width_q), (k0, len(kv_gather), width),
-                        key_mask.view(len(group), 1, 1, width)))
-    kv_inverse = [len(kv_gather) if i is None else i for i in kv_inverse]
-    index = [torch.tensor(x, dtype=torch.long, device=device)
-             for x in (q_gather, q_inverse, kv_gather, kv_inverse)]
-    return index, buckets
+        buckets.append(key_mask.view(len(group), 1, 1, width))
+    q_chunks, q_rows = _head_major(q_gather, q_inverse, q_spans, num_heads, device)
+    kv_chunks, kv_rows = _head_major(kv_gather, kv_inverse, kv_spans, num_heads, device)
+    return (q_chunks, q_rows, kv_chunks, kv_rows), buckets

@@ -149,3 +149,35 @@ def test_packing_round_trip_buckets_and_reading():
     from model.packing import _bucket_rows
     for group in _bucket_rows(lengths, lengths):
         assert min(lengths[r] for r in group) >= BUCKET_RATIO * lengths[group[0]]
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+def test_bucket_attention_matches_rows_one_by_one(impl):
+    """Head-major bucket gathers (forward and backward) against attention row by row, on a
+    reading view where row 2 has no query: its keys and values get exactly zero gradient."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0],
+                         [1, 1, 1, 1, 1, 0]])
+    read = torch.zeros_like(mask, dtype=torch.bool)
+    read[0, :2] = read[1, 3] = read[3, :5] = True
+    packing = Packing(mask)
+    view, _ = packing.reading(read)
+    heads, dim = 2, 8
+    q = torch.randn(view.query_index.numel(), dim, requires_grad=True)
+    k, v = (torch.randn(packing.num_tokens, dim, requires_grad=True) for _ in range(2))
+    out = view.attend(q, k, v, heads, 0.0, impl)
+
+    def split(x):
+        return x.view(x.size(0), heads, dim // heads).transpose(0, 1)
+    ref, kv_at, q_at = [], packing.offsets.tolist(), view.q_offsets.tolist()
+    for r in range(mask.size(0)):
+        qs, ks, vs = q[q_at[r]:q_at[r + 1]], k[kv_at[r]:kv_at[r + 1]], v[kv_at[r]:kv_at[r + 1]]
+        probs = torch.softmax(split(qs) @ split(ks).transpose(1, 2) / (dim // heads) ** 0.5, -1)
+        ref.append((probs @ split(vs)).transpose(0, 1).reshape(-1, dim))
+    ref = torch.cat(ref)
+    torch.testing.assert_close(out, ref)
+    weight = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((ref * weight).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+    assert not grads[1][kv_at[2]:kv_at[3]].any() and not grads[2][kv_at[2]:kv_at[3]].any()
