@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-web test lint demo clean
+.PHONY: setup setup-web test lint demo study clean
 
 setup: $(STAMP)
 
@@ -32,5 +32,9 @@ lint: setup
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
+# 3 seeds of the demo + the pre-training task ablation (scripts/study.py); <= 60 min on 2 cores
+study: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/study.py --out study_output
+
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_output study_output .pytest_cache .ruff_cache

@@ -153,13 +153,14 @@ finetune_pair() {
     return "$rc"
 }
 
-# search_index: a moment-search index (issue 19) over the toy TV videos with the fine-tuned
-# (pre-trained init) TVR model, its last checkpoint.
+# search_index: a moment-search index (issue 19) over the toy TV val videos with the
+# fine-tuned (pre-trained init) TVR model, its last checkpoint.
 search_index() {
     local run="$OUT/finetune/tvr_pretrained" ckpt
     ckpt=$(ls "$run"/ckpt/model_step_*.pt | sort -V | tail -n 1)
     fresh "$OUT/search_index" "$PY" scripts/build_index.py --video_db "$OUT/dbs/video_db/tv" \
         --sub_txt_db "$OUT/dbs/txt_db/tv_subtitles.db" --model_dir "$run" --ckpt "$ckpt" \
+        --video_ids "$OUT/dbs/txt_db/pretrain_splits/tv_val.json" \
         --out "$OUT/search_index" --device cpu
 }
 

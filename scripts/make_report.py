@@ -42,6 +42,8 @@ LOGGER = logging.getLogger("make_report")
 INITS = ("pretrained", "scratch")
 LOSS_COMPONENTS = ("_st_ed", "_neg_ctx", "_neg_q", "_qa")
 CHANCE_DRAWS = 5
+# the committed summary of the last `make study` run (docs/toy_study.md says how it was made)
+STUDY_SUMMARY = Path(__file__).resolve().parents[1] / "docs" / "toy_study.json"
 
 
 class Metric(NamedTuple):
@@ -54,7 +56,7 @@ class Metric(NamedTuple):
 class TaskSpec(NamedTuple):
     name: str         # run folder prefix and engine task name
     title: str
-    metrics: tuple
+    metrics: tuple    # the first is the task's headline metric (scripts/study_report.py)
 
 
 def _vcmr(split: str, key: str) -> Metric:
@@ -74,7 +76,7 @@ TASKS = (
         Metric("val accuracy", "valid_violin/violin_valid/val_acc", "binary", 100),
         Metric("test accuracy", "valid_violin/violin_valid/test_acc", "binary", 100))),
     TaskSpec("tvc", "TVC (captioning)", tuple(Metric(k, k, "tvc") for k in
-                                              ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"))),
+                                              ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"))),
     TaskSpec("didemo_video_only", "DiDeMo (VCMR, video only)", (
         _vcmr("val", "0.5-r10"), _vcmr("val", "0.7-r10"), _vcmr("val", "0.7-r100"),
         _vr("val", 1), _vr("val", 5))),
@@ -353,13 +355,42 @@ def timings_section(demo_dir: Path) -> list:
     return lines + [f"| **total** | **{total:.0f}** | |", ""]
 
 
-def write_report(demo_dir: Path, rows: list, plots: list) -> Path:
+def spread_section(study_path: Path | None, rows: list) -> list:
+    """This run's headline gaps beside the seed spread of the last ``make study``
+    (``study.json``, see scripts/study_report.py), so a reader can tell which gaps are real."""
+    if study_path is None or not study_path.is_file():
+        return []
+    study = json.loads(study_path.read_text())
+    head = ["## How large is the seed spread?", "",
+            f"From `make study` ({len(study['seeds'])} seeds, {study['machine']}): mean ± std "
+            "over seeds of the headline metric; the gap of this run beside them. A gap smaller "
+            "than the spread can flip with the seed or the machine.", "",
+            "| task | metric | this run's gap | study: pre-trained | study: scratch | "
+            "study: gap beyond spread |", "|---|---|---:|---:|---:|---|"]
+    mine = {(r["task"], r["metric"]): r for r in rows}
+    for spec in TASKS:
+        s, m = study["tasks"].get(spec.name), spec.metrics[0]
+        r = mine.get((spec.title, m.label))
+        if not s or not r:
+            continue
+        gap = (r["pretrained"] - r["scratch"]) if None not in (r["pretrained"], r["scratch"]) \
+            else None
+        cells = [f"{s[i]['mean']:.1f} ± {s[i]['std']:.1f}" if s[i]["mean"] is not None else "-"
+                 for i in INITS]
+        beyond = {True: "yes", False: "no"}.get(s.get("beyond_spread"), "-")
+        head.append(f"| {spec.title} | {m.label} | {'-' if gap is None else f'{gap:+.1f}'} | "
+                    f"{cells[0]} | {cells[1]} | {beyond} |")
+    return head + [""]
+
+
+def write_report(demo_dir: Path, rows: list, plots: list, study: Path | None = None) -> Path:
     lines = ["# hero demo report", "",
              "Toy corpus, CPU. Each task is fine-tuned twice with the same budget: from the "
              "demo's pre-trained checkpoint and from random initialisation. Numbers are the last "
              "validation of each run, in % (see `scripts/make_report.py` for how chance is "
              "computed). Toy-scale runs: expect trends, not paper numbers.", "",
-             *table(rows), "", *timings_section(demo_dir), "## Plots", ""]
+             *table(rows), "", *spread_section(study, rows), *timings_section(demo_dir),
+             "## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = demo_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -376,6 +407,8 @@ def print_table(rows: list) -> None:
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demo_dir", default="demo_output", help="the demo's output folder")
+    parser.add_argument("--study", default=str(STUDY_SUMMARY),
+                        help="study.json of a `make study` run, for the seed spread ('' = none)")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     demo_dir = Path(opts.demo_dir)
@@ -385,7 +418,8 @@ def main(argv=None) -> Path:
     missing = sum(r[i] is None for r in rows for i in INITS)
     if missing:
         LOGGER.warning("%d of %d run metrics missing (shown as '-')", missing, 2 * len(rows))
-    path = write_report(demo_dir, rows, make_plots(demo_dir, runs, rows))
+    path = write_report(demo_dir, rows, make_plots(demo_dir, runs, rows),
+                        Path(opts.study) if opts.study else None)
     print_table(rows)
     print(f"report: {path}")
     return path

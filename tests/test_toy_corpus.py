@@ -129,7 +129,7 @@ def test_subtitles_state_the_object_inside_the_scene_with_gaps(toy_raw):
         for sc in w["scenes"]:
             lo, hi = sc["start"] * w["fi"], sc["end"] * w["fi"]
             inside = [s["text"] for s in subs[vid] if lo <= s["start"] and s["end"] <= hi]
-            assert inside[0].startswith(f" {CHARACTERS[sc['char']]} : ")
+            assert inside[0].startswith(f"{CHARACTERS[sc['char']]} : ")
             assert OBJECTS[sc["obj"]] in inside[0]
 
 
@@ -151,13 +151,13 @@ def test_tvr_and_tvqa_point_at_scenes_with_absent_distractors(toy_raw):
         sc = scene_at(videos[q["vid_name"]], [float(x) for x in q["ts"].split("-")])
         answer = q[f"a{q['answer_idx']}"]
         truths = {f"{CHARACTERS[sc['char']]}.", f"In the {LOCATIONS[sc['loc']]}.",
-                  f"{ACTIONS[sc['action']][2].capitalize()}."}
+                  f"{CHARACTERS[sc['char']]} is {ACTIONS[sc['action']][2]}."}
         assert answer in truths and len({q[f"a{k}"] for k in range(5)}) == 5
         answered.setdefault((q["vid_name"], q["ts"]), []).append(answer)
         scenes = videos[q["vid_name"]]["scenes"]
         seen = {f"{CHARACTERS[x['char']]}." for x in scenes}
         seen |= {f"In the {LOCATIONS[x['loc']]}." for x in scenes}
-        seen |= {f"{ACTIONS[x['action']][2].capitalize()}." for x in scenes}
+        seen |= {f"{CHARACTERS[sc['char']]} is {ACTIONS[x['action']][2]}." for x in scenes}
         distractors = {q[f"a{k}"] for k in range(5)} - {answer}
         assert not distractors & seen  # distractors name values absent from the clip
     # one question per answer field (who, where, doing what) about every scene
@@ -268,3 +268,60 @@ def test_built_video_and_subtitle_dbs_match_the_corpus(toy_raw, toy_dbs):
     assert (toy_dbs / "txt_db" / "tv_subtitles.db" / "vid2dur_idx.json").read_text() == \
         (toy_raw / "tvr_video2dur_idx.json").read_text()
     assert not (toy_dbs.parent / "dbs.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_raw(tmp_path_factory):
+    """The demo-size corpus (a few seconds: features of ~1,700 short clips)."""
+    return make_corpus(tmp_path_factory.mktemp("demo") / "raw", seed=0, size="demo")
+
+
+def test_demo_corpus_few_labels_many_unlabelled_tv_videos(demo_raw):
+    """Low-label fine-tuning, larger unlabelled pre-training corpus (scripts/toy/README.md)."""
+    from scripts.toy.build import SIZES
+
+    videos = world(demo_raw)
+    tv = videos["tv"]
+    by_split = {s: {v for v, w in tv.items() if w["split"] == s}
+                for s in ("train", "val", "test_public", "unlabelled")}
+    assert len(by_split["train"]) == SIZES["demo"]["tv"].labelled == 16
+    assert len(by_split["val"]) == len(by_split["test_public"]) == 100
+    assert len(by_split["unlabelled"]) == 1000 - 216
+    for name in ("tvr_train_release", "tvc_train_release", "tvqa_train"):
+        lines = read_jsonl(demo_raw / f"{name}.jsonl")
+        assert {x["vid_name"] for x in lines} == by_split["train"], name
+    pretrain = json.loads((demo_raw / "pretrain_splits" / "tv_train.json").read_text())
+    assert set(pretrain) == by_split["train"] | by_split["unlabelled"]
+    dur_idx = json.loads((demo_raw / "tvr_video2dur_idx.json").read_text())
+    assert set(dur_idx) == {"train", "val", "test_public"}
+    subs = read_jsonl(demo_raw / "tvqa_preprocessed_subtitles.jsonl")
+    assert {x["vid_name"] for x in subs} == set(tv)           # unlabelled videos have subtitles
+    for ds in ("violin", "didemo", "msrvtt"):
+        splits = [w["split"] for w in videos[ds].values()]
+        assert splits.count("train") == 16 and "unlabelled" not in splits, ds
+    asr = read_jsonl(demo_raw / "didemo" / "didemo_asr.jsonl")
+    assert {x["vid_name"] for x in asr} <= set(videos["didemo"])
+
+
+def test_query_words_appear_in_the_same_token_form_in_subtitles(demo_raw):
+    """A byte-level BPE gives "Alice", " Alice" and "alice" unrelated ids: every name, action
+    and place token of the task texts must occur in that same form in some subtitle, or
+    pre-training on subtitles could not teach it."""
+    from utils.tokenizer import load_toker
+
+    toker = load_toker(str(demo_raw / "tokenizer"))
+    sub_tokens = set()
+    for line in read_jsonl(demo_raw / "tvqa_preprocessed_subtitles.jsonl"):
+        for s in line["sub"]:
+            sub_tokens.update(toker.tokenize(s["text"]))
+    words = set(CHARACTERS) | {a[2] for a in ACTIONS} | set(LOCATIONS)
+    texts = [q["desc"] for q in read_jsonl(demo_raw / "tvr_val_release.jsonl")]
+    texts += [q[f"a{k}"] for q in read_jsonl(demo_raw / "tvqa_val.jsonl") for k in range(5)]
+    texts += [d["description"] for d in json.loads(
+        (demo_raw / "didemo" / "val_data.json").read_text())]
+    texts += [s["caption"] for s in json.loads(
+        (demo_raw / "msrvtt" / "videodatainfo.json").read_text())["sentences"]]
+    task_tokens = {t for text in texts for t in toker.tokenize(text) if t.lstrip("Ġ") in words}
+    assert task_tokens and task_tokens <= sub_tokens, sorted(task_tokens - sub_tokens)[:10]
+    # the speaker prefix names the on-screen character in the sentence-initial form
+    assert {c for c in CHARACTERS} <= sub_tokens and {f"Ġ{c}" for c in CHARACTERS} <= sub_tokens

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -23,8 +24,21 @@ from scripts.toy.tokenizer import build_tokenizer
 from scripts.toy.videos import didemo_video, msrvtt_video, tv_name, tv_video, violin_video
 from scripts.toy.world import Video, stream_rng
 
-SIZES = {"tiny": {"tv": 12, "violin": 8, "didemo": 8, "msrvtt": 8},
-         "demo": {"tv": 200, "violin": 300, "didemo": 80, "msrvtt": 80}}
+
+class Size(NamedTuple):
+    """Videos of a dataset, the share of them in val and in test each, and how many train
+    videos carry task labels (None: all). TV's other train videos stay unlabelled: subtitles and
+    frames only, for pre-training; other datasets' are not generated."""
+
+    videos: int
+    eval_frac: float
+    labelled: int | None = None
+
+
+SIZES = {"tiny": {"tv": Size(12, 0.15), "violin": Size(8, 0.2), "didemo": Size(8, 0.2),
+                  "msrvtt": Size(8, 0.2)},
+         "demo": {"tv": Size(1000, 0.1, 16), "violin": Size(400, 0.2, 16),
+                  "didemo": Size(200, 0.2, 16), "msrvtt": Size(200, 0.2, 16)}}
 TV_SPLITS = ("train", "val", "test_public")
 SPLITS = ("train", "val", "test")
 
@@ -39,60 +53,79 @@ def write_jsonl(path: Path, lines: list[dict]) -> None:
     path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
 
 
-def split_videos(rng, videos: list[Video], names, eval_frac: float) -> dict[str, list[Video]]:
-    """Shuffle, then val and test take ``eval_frac`` each (at least one video)."""
+def split_videos(rng, videos: list[Video], names, size: Size) -> dict[str, list[Video]]:
+    """Shuffle, then val and test take ``eval_frac`` each (at least one video), train the
+    first ``labelled`` of the rest and ``unlabelled`` the others."""
     order = [videos[int(i)] for i in rng.permutation(len(videos))]
-    n_eval = max(1, round(eval_frac * len(videos)))
-    parts = (order[2 * n_eval:], order[:n_eval], order[n_eval:2 * n_eval])
-    return {name: sorted(part, key=lambda v: v.name) for name, part in zip(names, parts)}
+    n_eval = max(1, round(size.eval_frac * len(videos)))
+    train = order[2 * n_eval:]
+    n_lab = len(train) if size.labelled is None else size.labelled
+    parts = (train[:n_lab], order[:n_eval], order[n_eval:2 * n_eval], train[n_lab:])
+    splits = {name: sorted(part, key=lambda v: v.name)
+              for name, part in zip((*names, "unlabelled"), parts)}
+    if not splits["unlabelled"]:
+        del splits["unlabelled"]
+    return splits
 
 
-def write_tv(out: Path, rng, n: int) -> dict[str, list[Video]]:
-    videos = [tv_video(rng, tv_name(i)) for i in range(n)]
-    splits = split_videos(rng, videos, TV_SPLITS, 0.15)
+def labelled_only(splits: dict[str, list[Video]]) -> dict[str, list[Video]]:
+    """Only TV has a use for unlabelled videos (pre-training); elsewhere they are dropped."""
+    splits.pop("unlabelled", None)
+    return splits
+
+
+def kept(splits: dict[str, list[Video]]) -> list[Video]:
+    return sorted((v for vids in splits.values() for v in vids), key=lambda v: v.name)
+
+
+def write_tv(out: Path, rng, size: Size) -> dict[str, list[Video]]:
+    videos = [tv_video(rng, tv_name(i)) for i in range(size.videos)]
+    splits = split_videos(rng, videos, TV_SPLITS, size)
+    labelled = {s: splits[s] for s in TV_SPLITS}
     ids = {k: itertools.count(1) for k in ("tvr", "tvqa", "clip", "cap")}
-    for split, vids in splits.items():
+    for split, vids in labelled.items():
         write_jsonl(out / f"tvr_{split}_release.jsonl", ann.tvr_lines(rng, vids, split, ids["tvr"]))
         write_jsonl(out / f"tvqa_{split}.jsonl", ann.tvqa_lines(rng, vids, split, ids["tvqa"]))
         write_jsonl(out / f"tvc_{split}_release.jsonl",
                     ann.tvc_lines(vids, split, ids["clip"], ids["cap"]))
-    write_jsonl(out / "tvqa_preprocessed_subtitles.jsonl", ann.subtitle_lines(videos))
+    write_jsonl(out / "tvqa_preprocessed_subtitles.jsonl", ann.subtitle_lines(kept(splits)))
     write_json(out / "tv_vid2nframe.json", {v.name: v.n_frames for v in videos})
-    write_json(out / "tvr_video2dur_idx.json", ann.dur_idx(splits))
-    write_json(out / "pretrain_splits" / "tv_train.json", [v.name for v in splits["train"]])
+    write_json(out / "tvr_video2dur_idx.json", ann.dur_idx(labelled))
+    pretrain = sorted(v.name for v in splits["train"] + splits.get("unlabelled", []))
+    write_json(out / "pretrain_splits" / "tv_train.json", pretrain)
     write_json(out / "pretrain_splits" / "tv_val.json", [v.name for v in splits["val"]])
     return splits
 
 
-def write_violin(out: Path, rng, n: int) -> dict[str, list[Video]]:
+def write_violin(out: Path, rng, size: Size) -> dict[str, list[Video]]:
     videos = [violin_video(rng, f"toy_violin_s01e{i // 4 + 1:02d}_clip_{i % 4:02d}")
-              for i in range(n)]
-    splits = split_videos(rng, videos, SPLITS, 0.2)
+              for i in range(size.videos)]
+    splits = labelled_only(split_videos(rng, videos, SPLITS, size))
     write_json(out / "violin" / "violin_annotation.json",
                originals.violin_annotation(rng, splits))
     return splits
 
 
-def write_didemo(out: Path, rng, n: int) -> dict[str, list[Video]]:
-    videos = [didemo_video(rng, f"toy_didemo_{i:04d}") for i in range(n)]
-    splits = split_videos(rng, videos, SPLITS, 0.2)
+def write_didemo(out: Path, rng, size: Size) -> dict[str, list[Video]]:
+    videos = [didemo_video(rng, f"toy_didemo_{i:04d}") for i in range(size.videos)]
+    splits = labelled_only(split_videos(rng, videos, SPLITS, size))
     ids = itertools.count(1)
     for split, vids in splits.items():
         write_json(out / "didemo" / f"{split}_data.json", originals.didemo_data(rng, vids, ids))
-    write_jsonl(out / "didemo" / "didemo_asr.jsonl", ann.subtitle_lines(videos))
+    write_jsonl(out / "didemo" / "didemo_asr.jsonl", ann.subtitle_lines(kept(splits)))
     return splits
 
 
-def write_msrvtt(out: Path, rng, n: int) -> dict[str, list[Video]]:
-    videos = [msrvtt_video(rng, f"video{i}") for i in range(n)]
-    splits = split_videos(rng, videos, SPLITS, 0.2)
+def write_msrvtt(out: Path, rng, size: Size) -> dict[str, list[Video]]:
+    videos = [msrvtt_video(rng, f"video{i}") for i in range(size.videos)]
+    splits = labelled_only(split_videos(rng, videos, SPLITS, size))
     info = originals.msrvtt_info(rng, splits)
     write_json(out / "msrvtt" / "videodatainfo.json", info)
     with open(out / "msrvtt" / "MSRVTT_JSFUSION_test.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "vid_key", "video_id", "sentence"])
         writer.writerows(originals.msrvtt_1ka_rows(info))
-    write_jsonl(out / "msrvtt" / "msrvtt_asr.jsonl", ann.subtitle_lines(videos))
+    write_jsonl(out / "msrvtt" / "msrvtt_asr.jsonl", ann.subtitle_lines(kept(splits)))
     return splits
 
 
@@ -129,7 +162,7 @@ def write_corpus(out: Path, seed: int, size: str) -> None:
     for k, (dataset, writer) in enumerate(WRITERS.items()):
         splits = writer(out, stream_rng(seed, 1 + k), SIZES[size][dataset])
         feat_rng = stream_rng(seed, 100 + k)
-        videos = sorted((v for vids in splits.values() for v in vids), key=lambda v: v.name)
+        videos = kept(splits)
         for v in tqdm(videos, desc=f"{dataset} features", leave=False):
             write_features(out / "features", dataset, v, protos, feat_rng)
         world[dataset] = {v.name: {"split": s, "fi": v.fi, "n_frames": v.n_frames,

@@ -15,8 +15,12 @@ from scripts.toy.world import ACTIONS, CHARACTERS, LOCATIONS, OBJECTS, Scene
 # subtitles (speaker prefix added by the caller) and ASR lines
 FACT_LINES = ("Where is my {obj}?", "I just found the {obj}.", "Have you seen my {obj}?",
               "This {obj} is not mine.", "I need the {obj} right now.")
-REPLIES = ("Really? Tell me more.", "I have to go now.", "That sounds great.",
-           "Okay, see you later.", "No way!")
+# what the speaker does or where it is (see videos.dialogue): action lines, place lines
+MENTION_LINES = (("I could keep {ing} all day.", "I love {ing}.", "Time for some {ing}."),
+                 ("This {loc} is so quiet.", "I like this {loc}.", "Nobody else is in the {loc}."))
+# an off-screen character answers the on-screen one ({char}) by name
+REPLIES = ("Really, {char}? Tell me more.", "{char}, I have to go now.",
+           "That sounds great, {char}.", "Okay {char}, see you later.", "No way, {char}!")
 ASR_LINES = ("where is my {obj}", "i just found the {obj}", "look at this {obj}",
              "i need the {obj} now")
 # TVR queries by type
@@ -26,18 +30,23 @@ TVR = {"v": "{char} is {ing} in the {loc}.",
 # TVQA: question, answer template, the scene field the answer varies
 TVQA = (("Who is {ing} in the {loc}?", "{char}.", "char"),
         ("Where is {char} when talking about the {obj}?", "In the {loc}.", "loc"),
-        ("What is {char} doing while talking about the {obj}?", "{Ing}.", "action"))
+        ("What is {char} doing while talking about the {obj}?", "{char} is {ing}.", "action"))
 TVC = ("{char} is {ing} in the {loc} and mentions the {obj}.",
        "In the {loc}, {char} talks about the {obj} while {ing}.")
 VIOLIN = ("{char} is {ing} in the {loc} and talks about the {obj}.",
           "While {ing} in the {loc}, {char} asks about the {obj}.")
-DIDEMO = ("{char} {verbs} in the {loc}.", "{lchar} starts {ing} in the {loc}")
-MSRVTT = ("{lchar} is {ing} in the {loc}", "a person is {ing} in the {loc}",
-          "{lchar} talks about a {obj} in the {loc}", "someone in the {loc} mentions a {obj}")
+DIDEMO = ("{char} {verbs} in the {loc}.", "{char} starts {ing} in the {loc}")
+MSRVTT = ("{char} is {ing} in the {loc}", "a person is {ing} in the {loc}",
+          "{char} talks about a {obj} in the {loc}", "someone in the {loc} mentions a {obj}")
 
-ALL_TEMPLATES = (FACT_LINES + REPLIES + ASR_LINES + tuple(TVR.values())
+ALL_TEMPLATES = (FACT_LINES + sum(MENTION_LINES, ()) + REPLIES + ASR_LINES + tuple(TVR.values())
                  + tuple(t for q, a, _ in TVQA for t in (q, a)) + TVC + VIOLIN + DIDEMO + MSRVTT
                  + ("{char} : ",))
+# Why names are never lower-cased and answers never capitalise a word: a byte-level BPE gives
+# "Alice", " Alice" and "alice" three unrelated ids, so a query word must appear in the same
+# form in some subtitle for pre-training on subtitles to teach it. Sentence-initial names
+# ("Alice is ...") are taught by the speaker prefix ("Alice : ..."), mid-sentence ones by the
+# replies ("Really, Alice?").
 FIELDS = ("char", "action", "loc", "obj")
 
 

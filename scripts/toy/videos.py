@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-from scripts.toy.text import ASR_LINES, FACT_LINES, REPLIES, describe
+from scripts.toy.text import ASR_LINES, FACT_LINES, MENTION_LINES, REPLIES, describe
 from scripts.toy.world import (
     CHARACTERS,
     Video,
@@ -27,6 +27,7 @@ from scripts.toy.world import (
 TV_FI = 1.5
 MSRVTT_FI = 2.0
 DIDEMO_SEG_SEC = 5.0
+P_MENTION = 0.5
 
 
 def pick(rng, seq):
@@ -40,13 +41,18 @@ def tv_name(i: int) -> str:
 
 
 def dialogue(rng, video: Video) -> None:
+    """Per scene: the on-screen character names the object; with ``P_MENTION`` it also says
+    where it is or what it does (a weak, partial hint: the pre-training signal that ties the
+    place and action words to the frames); then maybe an off-screen reply."""
     for sc in video.scenes:
-        fact = f" {CHARACTERS[sc.char]} : " + describe(pick(rng, FACT_LINES), sc)
-        reply = None
+        speaker = f"{CHARACTERS[sc.char]} : "
+        lines = [speaker + describe(pick(rng, FACT_LINES), sc)]
+        if rng.random() < P_MENTION:
+            lines.append(speaker + describe(pick(rng, pick(rng, MENTION_LINES)), sc))
         if rng.random() < 0.5:
             other = pick(rng, [c for c in range(len(CHARACTERS)) if c != sc.char])
-            reply = f" {CHARACTERS[other]} : {pick(rng, REPLIES)}"
-        video.subs += scene_subs(rng, sc, video.fi, fact, reply)
+            lines.append(f"{CHARACTERS[other]} : " + describe(pick(rng, REPLIES), sc))
+        video.subs += scene_subs(rng, sc, video.fi, lines)
 
 
 def asr(rng, video: Video, p_speech: float = 0.75, p_line: float = 0.7) -> None:
@@ -54,7 +60,7 @@ def asr(rng, video: Video, p_speech: float = 0.75, p_line: float = 0.7) -> None:
         return
     for sc in video.scenes:
         if rng.random() < p_line:
-            video.subs += scene_subs(rng, sc, video.fi, describe(pick(rng, ASR_LINES), sc), None)
+            video.subs += scene_subs(rng, sc, video.fi, [describe(pick(rng, ASR_LINES), sc)])
 
 
 def tv_video(rng, name: str, n_scenes=(3, 4), total=(9, 20)) -> Video:
