@@ -224,18 +224,21 @@ def _padded_gather(group, starts, lengths, width, gather, inverse):
 def _head_major(gather, inverse, spans, num_heads, device):
     """Token slots -> (token·H + head) rows in head-major bucket order: (per-bucket source
     rows (rows, H, width), each (token, head)'s row in the concatenated buckets; tokens
-    without a slot -> the row after the last). ``spans``: (first slot, slots, width) each."""
-    heads = torch.arange(num_heads)
-    src = torch.tensor(gather, dtype=torch.long)[:, None] * num_heads + heads
-    where = torch.empty(len(gather), num_heads, dtype=torch.long)
+    without a slot -> the row after the last). ``spans``: (first slot, slots, width) each.
+    Built on the CPU from Python lists, then moved to ``device`` once."""
+    heads = torch.arange(num_heads, device="cpu")
+    src = torch.tensor(gather, dtype=torch.long, device="cpu")[:, None] * num_heads + heads
+    where = torch.empty(len(gather), num_heads, dtype=torch.long, device="cpu")
     for s0, count, width in spans:
-        local = torch.arange(count)
+        local = torch.arange(count, device="cpu")
         base = s0 * num_heads + local // width * num_heads * width + local % width
         where[s0:s0 + count] = base[:, None] + heads * width
-    order = torch.empty(src.numel(), dtype=torch.long)
+    order = torch.empty(src.numel(), dtype=torch.long, device="cpu")
     order[where.reshape(-1)] = src.reshape(-1)
-    slots = torch.tensor([len(gather) if i is None else i for i in inverse], dtype=torch.long)
-    rows = torch.cat([where, torch.full((1, num_heads), src.numel())])[slots].reshape(-1)
+    slots = torch.tensor([len(gather) if i is None else i for i in inverse], dtype=torch.long,
+                         device="cpu")
+    past_end = torch.full((1, num_heads), src.numel(), device="cpu")
+    rows = torch.cat([where, past_end])[slots].reshape(-1)
     chunks = order.split([count * num_heads for _, count, _ in spans])
     return ([c.view(count // width, num_heads, width).to(device)
              for c, (_, count, width) in zip(chunks, spans)], rows.to(device))
