@@ -154,7 +154,8 @@ class Scheduler:
         self.pending = {j.name: j for j in jobs}
         self.running: dict = {}
         self.done = {j.name for j in jobs if self.marker(j).exists()}
-        self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // slots)),
+        self.env = {**os.environ, "PYTHON": sys.executable,
+                    "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // slots)),
                     "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
     def marker(self, job: Job) -> Path:
