@@ -128,7 +128,20 @@ def test_two_process_tvr_training_and_eval_equal_one_process(single, toy_dbs, to
     assert any("_rank_avg" in k for k in two["metrics"])
     assert comparable(two["metrics"]) == comparable(one["metrics"])
     assert comparable(one["metrics"]).items() <= comparable(validated).items()
-    assert ranked(out / "eval_tvr_np2_2") == ranked(out / "eval_tvr_np2_1")
+    assert_same_rankings(ranked(out / "eval_tvr_np2_2"), ranked(out / "eval_tvr_np2_1"))
+
+
+def assert_same_rankings(a: dict, b: dict, rel: float = 1e-5) -> None:
+    """The same moments in the same order; scores equal up to float rounding. Ranks encode
+    different video batches, and the packed F-TRM's GEMM shapes follow the batch, so scores may
+    differ in the last bits (seen: 4e-7 relative)."""
+    assert a.keys() == b.keys()
+    for task in a:
+        assert a[task].keys() == b[task].keys(), task
+        for qid, preds in a[task].items():
+            assert [p[:3] for p in preds] == [p[:3] for p in b[task][qid]], (task, qid)
+            assert [p[3] for p in preds] == pytest.approx([p[3] for p in b[task][qid]],
+                                                          rel=rel), (task, qid)
 
 
 def ranked(run_dir: Path) -> dict:

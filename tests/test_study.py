@@ -111,6 +111,12 @@ def test_study_report_mean_std_spread_and_ablation(tmp_path):
     assert "| TVR (VCMR) | VCMR R@10 IoU0.5 | 45.0 ± 7.1 | 15.0 ± 7.1 | +30.0 | yes |" in text
     assert "**1 of 6** tasks" in text and "12 s on" in text
     assert "| MLM + MFM-NCE + VSM | 22.00 | - |" in text
+    assert ("- adding VSM to MLM + MFM-NCE: TVR (VCMR) VCMR R@10 IoU0.5 20.0 -> 22.0 (+2.0, "
+            "within the spread ± 7.1); paper: VSM brings the largest gain on retrieval -> "
+            "unresolved.") in text
+    assert "MFM-NCE instead of MFFR: TVR (VCMR) VCMR R@10 IoU0.5 23.0 -> 40.0 (+17.0, " \
+        "beyond" in text
+    assert "MFM-NCE beats MFFR -> agrees." in text and "FOM helps QA" not in text
     for name in ("seeds", "ablation"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     assert (tmp_path / "seed1" / "report.md").is_file()

@@ -14,6 +14,7 @@ from scripts.toy.build import make_corpus
 from scripts.toy.features import RESNET_DIM, SLOWFAST_DIM, make_prototypes
 from scripts.toy.text import TVQA, lexicon
 from scripts.toy.world import ACTIONS, CHARACTERS, LOCATIONS, OBJECTS, stream_rng
+from tests.conftest import TOY_SEED
 
 DATASETS = ("tv", "violin", "didemo", "msrvtt")
 
@@ -37,13 +38,13 @@ def corpus_files(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_corpus_other_seed_differs(toy_raw, tmp_path):
-    again = make_corpus(tmp_path / "again", seed=0, size="tiny")
+    again = make_corpus(tmp_path / "again", seed=TOY_SEED, size="tiny")
     assert corpus_files(again) == corpus_files(toy_raw)
     vid = sorted(world(toy_raw)["tv"])[0]
     for kind in ("resnet", "slowfast"):
         np.testing.assert_array_equal(load_npz(again, kind, "tv", vid),
                                       load_npz(toy_raw, kind, "tv", vid))
-    other = make_corpus(tmp_path / "other", seed=1, size="tiny")
+    other = make_corpus(tmp_path / "other", seed=TOY_SEED + 1, size="tiny")
     assert world(other) != world(toy_raw)
 
 
@@ -102,7 +103,7 @@ def test_feature_files_shapes_dtypes_and_frame_counts(toy_raw):
 
 def test_frames_carry_who_where_what_in_time(toy_raw):
     """Nearest prototype recovers each frame's character, location and action."""
-    protos = make_prototypes(stream_rng(0, 0))
+    protos = make_prototypes(stream_rng(TOY_SEED, 0))
     hits = total = 0
     for vid, w in world(toy_raw)["tv"].items():
         resnet = load_npz(toy_raw, "resnet", "tv", vid).astype(np.float32)
