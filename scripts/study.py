@@ -7,8 +7,10 @@ Usage (from the repository root)::
 For each seed ``s`` it runs what ``make demo`` runs (scripts/toy/README.md says why the toy world
 is built the way it is): corpus ``s`` -> LMDBs -> pre-training (mlm, mfm-nce, fom, vsm) -> the six
 fine-tuning tasks from the pre-trained checkpoint and from scratch, training seed ``77 + s``
-(seed 0 is exactly the demo's run). For seed 0 it also pre-trains the ablation variants of
-HERO's Table 3 (:data:`ABLATIONS`) and fine-tunes TVR and TVQA from each. The budgets are the
+(seed 0: the demo's corpus and seeds; the demo pre-trains with two threads and every study job
+runs on one, and the different float summation order, amplified by training, moves the
+numbers by about a seed spread). For seed 0 it also pre-trains the ablation variants of HERO's
+Table 3 (:data:`ABLATIONS`) and fine-tunes TVR and TVQA from each. The budgets are the
 demo configs' (``config/*-demo.json``). Then :mod:`scripts.study_report` writes
 ``{out}/study.md``, ``{out}/study.json`` and the plots.
 
