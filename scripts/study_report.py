@@ -203,7 +203,7 @@ def write_markdown(study_dir: Path, data: dict, plots: list) -> Path:
     lines = ["# hero toy study", "",
              f"{len(data['seeds'])} seeds ({', '.join(map(str, data['seeds']))}) of the demo's "
              "corpus, pre-training and fine-tuning (scripts/study.py); "
-             f"{data['wall_s']} s on {data['machine']}. Headline metric per task, in %, last "
+             f"{data['wall_s']} on {data['machine']}. Headline metric per task, in %, last "
              "validation; mean ± sample std over seeds. *Beyond seed spread*: the gap exceeds the "
              "sum of the two stds.", "",
              *seeds_table(data["tasks"], data["chance"]), "",
@@ -237,7 +237,8 @@ def build(study_dir: Path, wall_s) -> dict:
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--study_dir", default="study_output")
-    parser.add_argument("--wall_s", default="?", help="the study's wall time (for the report)")
+    parser.add_argument("--wall_s", default="? s", help="the study's wall time, with its unit "
+                        "(for the report)")
     opts = parser.parse_args(argv)
     study_dir = Path(opts.study_dir)
     data = build(study_dir, opts.wall_s)

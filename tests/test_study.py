@@ -31,7 +31,7 @@ def test_scheduler_runs_in_dependency_order_and_reuses_finished_jobs(tmp_path, c
     assert (tmp_path / "order.txt").read_text().split() == ["a", "b", "c"]
     assert all((tmp_path / ".jobs" / f"{n}.done").is_file() for n in "abc")
     (tmp_path / ".jobs" / "c.done").unlink()
-    Scheduler(tmp_path, jobs, slots=2).run()
+    assert Scheduler(tmp_path, jobs, slots=2).run() == 2
     assert (tmp_path / "order.txt").read_text().split() == ["a", "b", "c", "c"]
     assert "reusing 2 finished job(s)" in capsys.readouterr().out
 
@@ -97,7 +97,7 @@ def test_study_report_mean_std_spread_and_ablation(tmp_path):
     for k, variant in enumerate(study.ABLATIONS):
         write_jsonl_run(tmp_path / "seed0" / "ablation" / variant / "finetune" / "tvr_pretrained",
                         [(1, "tvr", 1.0)], {5: {TVR_KEY: 20.0 + k}}, {})
-    path = study_report.main(["--study_dir", str(tmp_path), "--wall_s", "12"])
+    path = study_report.main(["--study_dir", str(tmp_path), "--wall_s", "12 s"])
     data = json.loads((tmp_path / "study.json").read_text())
     tvr, qa = data["tasks"]["tvr"], data["tasks"]["tvqa"]
     assert tvr["pretrained"]["mean"] == pytest.approx(45.0)
