@@ -148,14 +148,33 @@ subprocess.run(["bash", "scripts/build_toy_dbs.sh", str(sdir / "raw"), str(sdir 
 """
 
 
+def chain_weights(jobs: list) -> dict:
+    """Job name -> its weight plus the heaviest chain of jobs that depend on it."""
+    children = {j.name: [c for c in jobs if j.name in c.deps] for j in jobs}
+    chain: dict = {}
+
+    def weigh(job: Job) -> float:
+        if job.name not in chain:
+            chain[job.name] = job.weight + max((weigh(c) for c in children[job.name]),
+                                               default=0.0)
+        return chain[job.name]
+
+    for job in jobs:
+        weigh(job)
+    return chain
+
+
 class Scheduler:
-    """Runs jobs ``slots`` at a time in dependency order, heaviest ready job first."""
+    """Runs jobs ``slots`` at a time in dependency order; of the ready jobs, the one with the
+    heaviest chain of jobs still to follow it first (so a seed's data and pre-training do not
+    wait behind other seeds' short fine-tuning jobs)."""
 
     def __init__(self, out: Path, jobs: list, slots: int):
         self.out, self.slots = out, slots
         self.pending = {j.name: j for j in jobs}
         self.running: dict = {}
         self.done = {j.name for j in jobs if self.marker(j).exists()}
+        self.chain = chain_weights(jobs)
         self.env = {**os.environ, "PYTHON": sys.executable,
                     "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // slots)),
                     "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -177,7 +196,7 @@ class Scheduler:
         jobs = [j for n, j in self.pending.items()
                 if n not in self.done and n not in self.running
                 and all(d in self.done for d in j.deps)]
-        return sorted(jobs, key=lambda j: -j.weight)
+        return sorted(jobs, key=lambda j: -self.chain[j.name])
 
     def reap(self) -> list:
         """Finished jobs' names; a failed one raises after the others have finished."""

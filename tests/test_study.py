@@ -36,6 +36,16 @@ def test_scheduler_runs_in_dependency_order_and_reuses_finished_jobs(tmp_path, c
     assert "reusing 2 finished job(s)" in capsys.readouterr().out
 
 
+def test_scheduler_starts_the_heaviest_chain_first(tmp_path):
+    """One slot: of the two ready jobs, the light one that leads to a heavy job goes first."""
+    jobs = [stub(tmp_path, "long", []), stub(tmp_path, "data", []),
+            stub(tmp_path, "pretrain", ["data"])]
+    jobs[0].weight, jobs[1].weight, jobs[2].weight = 3.0, 0.2, 5.0
+    assert study.chain_weights(jobs) == {"long": 3.0, "data": 5.2, "pretrain": 5.0}
+    Scheduler(tmp_path, jobs, slots=1).run()
+    assert (tmp_path / "order.txt").read_text().split() == ["data", "pretrain", "long"]
+
+
 def test_scheduler_names_a_failed_job_and_starts_nothing_after_it(tmp_path):
     jobs = [stub(tmp_path, "bad", code="print('boom: disk full'); raise SystemExit(3)"),
             stub(tmp_path, "after", ["bad"]), stub(tmp_path, "other")]
