@@ -332,6 +332,16 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def fmt_mean_std(d: dict) -> str:
+    """A study summary's ``{"mean", "std"}`` as ``mean ± std`` (scripts/study_report.py)."""
+    return "-" if d["mean"] is None else f"{d['mean']:.1f} ± {d['std']:.1f}"
+
+
+def fmt_beyond(flag) -> str:
+    """A study summary's ``beyond_spread``: yes / no / - (not computed)."""
+    return {True: "yes", False: "no"}.get(flag, "-")
+
+
 def table(rows: list) -> list:
     head = ["| task | metric | pre-trained + fine-tuned | from scratch | chance |",
             "|---|---|---:|---:|---:|"]
@@ -375,11 +385,9 @@ def spread_section(study_path: Path | None, rows: list) -> list:
             continue
         gap = (r["pretrained"] - r["scratch"]) if None not in (r["pretrained"], r["scratch"]) \
             else None
-        cells = [f"{s[i]['mean']:.1f} ± {s[i]['std']:.1f}" if s[i]["mean"] is not None else "-"
-                 for i in INITS]
-        beyond = {True: "yes", False: "no"}.get(s.get("beyond_spread"), "-")
         head.append(f"| {spec.title} | {m.label} | {'-' if gap is None else f'{gap:+.1f}'} | "
-                    f"{cells[0]} | {cells[1]} | {beyond} |")
+                    f"{fmt_mean_std(s['pretrained'])} | {fmt_mean_std(s['scratch'])} | "
+                    f"{fmt_beyond(s.get('beyond_spread'))} |")
     return head + [""]
 
 
@@ -414,15 +422,19 @@ def main(argv=None) -> Path:
     demo_dir = Path(opts.demo_dir)
     if not demo_dir.is_dir():
         raise SystemExit(f"--demo_dir {demo_dir} not found; run `make demo` first")
+    return report(demo_dir, Path(opts.study) if opts.study else None)[0]
+
+
+def report(demo_dir: Path, study: Path | None) -> tuple[Path, list]:
+    """Write ``report.md`` and the plots of ``demo_dir``, print the table; (path, rows)."""
     rows, runs = collect(demo_dir)
     missing = sum(r[i] is None for r in rows for i in INITS)
     if missing:
         LOGGER.warning("%d of %d run metrics missing (shown as '-')", missing, 2 * len(rows))
-    path = write_report(demo_dir, rows, make_plots(demo_dir, runs, rows),
-                        Path(opts.study) if opts.study else None)
+    path = write_report(demo_dir, rows, make_plots(demo_dir, runs, rows), study)
     print_table(rows)
     print(f"report: {path}")
-    return path
+    return path, rows
 
 
 if __name__ == "__main__":

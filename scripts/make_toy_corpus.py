@@ -5,7 +5,9 @@ Usage (from the repository root)::
     python scripts/make_toy_corpus.py --out toy_raw --seed 0 [--size tiny|demo]
 
 ``tiny`` (12 TV videos, 8 each for VIOLIN/DiDeMo/MSR-VTT) builds in seconds for tests; ``demo``
-(200 + 3 x 80 videos) in well under a minute.  The output folder (absent or empty) receives::
+(1,000 TV videos, 784 of them unlabelled for pre-training; 400 VIOLIN, 200 each DiDeMo and
+MSR-VTT; 16 labelled training videos per dataset, scripts/toy/README.md) in a few seconds.  The
+output folder (absent or empty) receives::
 
     tokenizer/                      vocab.json + merges.txt (RoBERTa layout, roberta-base ids)
     tvr_{train,val,test_public}_release.jsonl   tvqa_{train,val,test_public}.jsonl

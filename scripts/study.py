@@ -87,51 +87,55 @@ def only_tasks(tasks: tuple):
     return edit
 
 
+def train_job(name: str, script: str, config: Path, run: Path, seed: int, deps: list,
+              weight: float, ckpt: str | None = None) -> Job:
+    """An entry script run into ``run`` with the seed's training seed (and ``--checkpoint``
+    when ``ckpt`` is given; "" = from scratch)."""
+    argv = [sys.executable, script, "--config", str(config), "--output_dir", str(run)]
+    argv += [] if ckpt is None else ["--checkpoint", ckpt]
+    return Job(name, argv + ["--seed", str(TRAIN_SEED + seed)], run, deps, weight)
+
+
+def last_checkpoint(pretrain_dir: Path) -> str:
+    return str(pretrain_dir / "ckpt" / f"model_step_{pretrain_steps()}.pt")
+
+
 def seed_jobs(out: Path, seed: int) -> list:
     """Corpus, DBs, pre-training and the 12 fine-tuning runs of one seed (a demo's layout)."""
-    py, sdir, steps = sys.executable, out / f"seed{seed}", pretrain_steps()
+    sdir = out / f"seed{seed}"
     cfgs = sdir / "configs"
-    data = Job(f"s{seed}-data", [py, "-c", BUILD_DATA, str(sdir), str(seed)], sdir / "dbs",
-               weight=0.2)
-    pre = Job(f"s{seed}-pretrain", [py, "pretrain.py", "--config",
-                                    str(demo_config("pretrain-demo.json", sdir, cfgs)),
-                                    "--output_dir", str(sdir / "pretrain"),
-                                    "--seed", str(TRAIN_SEED + seed)],
-              sdir / "pretrain", [data.name], weight=5)
+    data = Job(f"s{seed}-data", [sys.executable, "-c", BUILD_DATA, str(sdir), str(seed)],
+               sdir / "dbs", weight=0.2)
+    pre = train_job(f"s{seed}-pretrain", "pretrain.py",
+                    demo_config("pretrain-demo.json", sdir, cfgs), sdir / "pretrain", seed,
+                    [data.name], 5)
     jobs = [data, pre]
     for task, (script, config) in FINETUNES.items():
         for init in ("pretrained", "scratch"):
-            ckpt = str(sdir / "pretrain" / "ckpt" / f"model_step_{steps}.pt") \
-                if init == "pretrained" else ""
-            run = sdir / "finetune" / f"{task}_{init}"
-            jobs.append(Job(f"s{seed}-{task}-{init}",
-                            [py, script, "--config", str(demo_config(config, sdir, cfgs)),
-                             "--output_dir", str(run), "--checkpoint", ckpt,
-                             "--seed", str(TRAIN_SEED + seed)], run,
-                            [pre.name if ckpt else data.name], weight=1.5))
+            ckpt = last_checkpoint(pre.out_dir) if init == "pretrained" else ""
+            jobs.append(train_job(f"s{seed}-{task}-{init}", script,
+                                  demo_config(config, sdir, cfgs),
+                                  sdir / "finetune" / f"{task}_{init}", seed,
+                                  [pre.name if ckpt else data.name], 1.5, ckpt))
     return jobs
 
 
 def ablation_jobs(out: Path, seed: int) -> list:
     """Each :data:`ABLATIONS` variant pre-trained on seed ``seed``'s data, then TVR and TVQA."""
-    py, sdir, steps = sys.executable, out / f"seed{seed}", pretrain_steps()
+    sdir = out / f"seed{seed}"
     jobs = []
     for variant, tasks in ABLATIONS.items():
         vdir = sdir / "ablation" / variant
         cfg = demo_config("pretrain-demo.json", sdir, vdir / "configs", only_tasks(tasks))
-        pre = Job(f"s{seed}-ablation-{variant}-pretrain",
-                  [py, "pretrain.py", "--config", str(cfg), "--output_dir", str(vdir / "pretrain"),
-                   "--seed", str(TRAIN_SEED + seed)], vdir / "pretrain", [f"s{seed}-data"], 5)
+        pre = train_job(f"s{seed}-ablation-{variant}-pretrain", "pretrain.py", cfg,
+                        vdir / "pretrain", seed, [f"s{seed}-data"], 5)
         jobs.append(pre)
         for task in ABLATION_TASKS:
             script, config = FINETUNES[task]
-            run = vdir / "finetune" / f"{task}_pretrained"
-            jobs.append(Job(f"s{seed}-ablation-{variant}-{task}",
-                            [py, script, "--config",
-                             str(demo_config(config, sdir, sdir / "configs")),
-                             "--output_dir", str(run), "--checkpoint",
-                             str(vdir / "pretrain" / "ckpt" / f"model_step_{steps}.pt"),
-                             "--seed", str(TRAIN_SEED + seed)], run, [pre.name], 1.5))
+            jobs.append(train_job(f"s{seed}-ablation-{variant}-{task}", script,
+                                  demo_config(config, sdir, sdir / "configs"),
+                                  vdir / "finetune" / f"{task}_pretrained", seed, [pre.name],
+                                  1.5, last_checkpoint(pre.out_dir)))
     return jobs
 
 
@@ -222,8 +226,9 @@ class Scheduler:
             print(f"  reusing {len(reused)} finished job(s) (markers in {self.out}/.jobs)")
         failed = []
         while len(self.done) < len(self.pending):
-            while not failed and len(self.running) < self.slots and self.ready():
-                self.start(self.ready()[0])
+            if not failed:
+                for job in self.ready()[:self.slots - len(self.running)]:
+                    self.start(job)
             if not self.running:
                 break
             time.sleep(1)

@@ -82,19 +82,12 @@ def ablation_summary(seed: Path) -> dict:
     return rows
 
 
-def chance_of(seed: Path) -> dict:
-    """Headline chance level per task (from the seed's runs, as the demo report computes it)."""
-    rows, _ = make_report.collect(seed)
+def chance_of(rows: list) -> dict:
+    """Headline chance level per task, from a seed's demo-report rows."""
     firsts = {}
     for row in rows:
         firsts.setdefault(row["task"], row["chance"])
     return {name: firsts.get(title) for name, title in TITLES.items()}
-
-
-def fmt_ms(d: dict) -> str:
-    if d["mean"] is None:
-        return "-"
-    return f"{d['mean']:.1f} ± {d['std']:.1f}"
 
 
 def seeds_table(summary: dict, chance: dict) -> list:
@@ -102,9 +95,10 @@ def seeds_table(summary: dict, chance: dict) -> list:
              "|---|---|---:|---:|---:|---|---:|"]
     for task, s in summary.items():
         gap = f"{s['gap']:+.1f}" if "gap" in s else "-"
-        beyond = {True: "yes", False: "no"}.get(s.get("beyond_spread"), "-")
-        lines.append(f"| {s['title']} | {s['metric']} | {fmt_ms(s['pretrained'])} | "
-                     f"{fmt_ms(s['scratch'])} | {gap} | {beyond} | "
+        lines.append(f"| {s['title']} | {s['metric']} | "
+                     f"{make_report.fmt_mean_std(s['pretrained'])} | "
+                     f"{make_report.fmt_mean_std(s['scratch'])} | {gap} | "
+                     f"{make_report.fmt_beyond(s.get('beyond_spread'))} | "
                      f"{make_report.fmt(chance.get(task))} |")
     return lines
 
@@ -224,11 +218,10 @@ def build(study_dir: Path, wall_s) -> dict:
     seeds = seed_dirs(study_dir)
     if not seeds:
         raise SystemExit(f"--study_dir {study_dir}: no seed*/ folders; run `make study`")
-    for seed in seeds:
-        make_report.main(["--demo_dir", str(seed), "--study", ""])
+    rows = [make_report.report(seed, None)[1] for seed in seeds]
     data = {"seeds": [int(s.name[4:]) for s in seeds], "machine": machine(), "wall_s": wall_s,
             "tasks": {t: task_summary(seeds, t) for t in HEADLINE},
-            "chance": chance_of(seeds[0])}
+            "chance": chance_of(rows[0])}
     if (seeds[0] / "ablation").is_dir():
         data["ablation"] = ablation_summary(seeds[0])
     return data

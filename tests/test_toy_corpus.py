@@ -325,4 +325,4 @@ def test_query_words_appear_in_the_same_token_form_in_subtitles(demo_raw):
     task_tokens = {t for text in texts for t in toker.tokenize(text) if t.lstrip("Ġ") in words}
     assert task_tokens and task_tokens <= sub_tokens, sorted(task_tokens - sub_tokens)[:10]
     # the speaker prefix names the on-screen character in the sentence-initial form
-    assert {c for c in CHARACTERS} <= sub_tokens and {f"Ġ{c}" for c in CHARACTERS} <= sub_tokens
+    assert set(CHARACTERS) <= sub_tokens and {f"Ġ{c}" for c in CHARACTERS} <= sub_tokens

@@ -2,7 +2,8 @@
 
 Every dataset draws from its own random stream of the seed, so the corpus is a pure function
 of (seed, size); the only bytes that differ between two runs are the zip timestamps inside the
-npz files.  Videos are split by name into train/val/test (TV: 70/15/15 %, others 60/20/20 %).
+npz files.  Videos are split into train/val/test (:class:`Size`: the val and test share, and
+how many train videos carry labels; TV's other train videos are unlabelled, for pre-training).
 """
 from __future__ import annotations
 
