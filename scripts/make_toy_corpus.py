@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python scripts/make_toy_corpus.py --out toy_raw --seed 0 [--size tiny|demo]
+    python scripts/make_toy_corpus.py --out toy_raw --seed 0 [--size tiny|demo] [--labelled N]
 
 ``tiny`` (12 TV videos, 8 each for VIOLIN/DiDeMo/MSR-VTT) builds in seconds for tests; ``demo``
 (1,000 TV videos, 784 of them unlabelled for pre-training; 400 VIOLIN, 200 each DiDeMo and
@@ -38,13 +38,17 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="output folder (absent or empty)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--labelled", type=int, default=None,
+                        help="labelled training videos per dataset (default: the size's); "
+                             "the pre-training videos stay the same (a label curve)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     opts = parse_args(argv)
-    out = make_corpus(opts.out, opts.seed, opts.size)
-    print(f"toy corpus ({opts.size}, seed {opts.seed}) written to {out}")
+    out = make_corpus(opts.out, opts.seed, opts.size, opts.labelled)
+    labels = "" if opts.labelled is None else f", {opts.labelled} labelled videos per dataset"
+    print(f"toy corpus ({opts.size}, seed {opts.seed}{labels}) written to {out}")
 
 
 if __name__ == "__main__":

@@ -326,3 +326,36 @@ def test_query_words_appear_in_the_same_token_form_in_subtitles(demo_raw):
     assert task_tokens and task_tokens <= sub_tokens, sorted(task_tokens - sub_tokens)[:10]
     # the speaker prefix names the on-screen character in the sentence-initial form
     assert set(CHARACTERS) <= sub_tokens and {f"Ġ{c}" for c in CHARACTERS} <= sub_tokens
+
+
+def test_labelled_override_keeps_the_pretraining_corpus(demo_raw, tmp_path):
+    """A label curve (``labelled=N``) moves labels onto unlabelled videos: the videos, the
+    pre-training split, the subtitles and the TV features stay the demo corpus's, so a
+    checkpoint pre-trained on the demo corpus fits every label count. Validation asks about the
+    same videos (its distractors are drawn after the training labels, so they differ)."""
+    more = make_corpus(tmp_path / "more", seed=0, size="demo", labelled=64)
+    for name in ("tvqa_preprocessed_subtitles.jsonl", "pretrain_splits/tv_train.json",
+                 "pretrain_splits/tv_val.json", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+        assert (more / name).read_bytes() == (demo_raw / name).read_bytes(), name
+    vid = sorted(world(demo_raw)["tv"])[5]
+    np.testing.assert_array_equal(load_npz(more, "resnet", "tv", vid),
+                                  load_npz(demo_raw, "resnet", "tv", vid))
+    labelled = {v for v, w in world(more)["tv"].items() if w["split"] == "train"}
+    assert len(labelled) == 64
+    assert labelled > {v for v, w in world(demo_raw)["tv"].items() if w["split"] == "train"}
+    assert {q["vid_name"] for q in read_jsonl(more / "tvqa_train.jsonl")} == labelled
+    val = [[(q["vid_name"], q["ts"]) for q in read_jsonl(raw / "tvqa_val.jsonl")]
+           for raw in (more, demo_raw)]
+    assert val[0] == val[1]
+    assert json.loads((more / "world.json").read_text())["labelled"] == 64
+    assert "labelled" not in json.loads((demo_raw / "world.json").read_text())
+
+
+def test_labelled_override_caps_at_the_training_videos_and_refuses_zero(tmp_path, capsys):
+    raw = make_corpus(tmp_path / "all", seed=TOY_SEED, size="tiny", labelled=10_000)
+    assert "the 'tiny' tv corpus has 8 training videos; all 8 are labelled" in \
+        capsys.readouterr().out
+    assert "unlabelled" not in {w["split"] for w in world(raw)["tv"].values()}
+    with pytest.raises(ValueError, match="--labelled 0"):
+        make_corpus(tmp_path / "none", seed=TOY_SEED, size="tiny", labelled=0)
+    assert not (tmp_path / "none").exists()

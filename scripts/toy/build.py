@@ -134,8 +134,13 @@ WRITERS = {"tv": write_tv, "violin": write_violin, "didemo": write_didemo,
            "msrvtt": write_msrvtt}
 
 
-def make_corpus(out_dir, seed: int, size: str = "tiny") -> Path:
+def make_corpus(out_dir, seed: int, size: str = "tiny", labelled: int | None = None) -> Path:
     """Generate the whole raw corpus into ``out_dir`` (must be absent or empty).
+
+    ``labelled`` overrides how many training videos of each dataset carry task labels (a label
+    curve). The videos, the splits and so TV's pre-training set stay those of ``size``: labels
+    move from unlabelled videos to labelled ones, so a checkpoint pre-trained on the ``size``
+    corpus of the same seed fits every label count.
 
     The corpus is built in a temporary sibling folder and renamed at the end, so an
     interrupted run leaves nothing half-written behind and can simply be re-run.
@@ -143,12 +148,12 @@ def make_corpus(out_dir, seed: int, size: str = "tiny") -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} is not empty; give a new folder")
-    if size not in SIZES:
-        raise ValueError(f"--size {size!r}: choose one of {sorted(SIZES)}")
+    size_of = sizes(size, labelled)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        write_corpus(tmp, seed, size)
+        write_corpus(tmp, seed, size_of, {"seed": seed, "size": size}
+                     | ({} if labelled is None else {"labelled": labelled}))
         tmp.replace(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,12 +161,32 @@ def make_corpus(out_dir, seed: int, size: str = "tiny") -> Path:
     return out
 
 
-def write_corpus(out: Path, seed: int, size: str) -> None:
+def sizes(size: str, labelled: int | None = None) -> dict[str, Size]:
+    """``SIZES[size]``, with ``labelled`` training videos per dataset when given (a dataset
+    with fewer training videos labels all of them, and says so)."""
+    if size not in SIZES:
+        raise ValueError(f"--size {size!r}: choose one of {sorted(SIZES)}")
+    if labelled is None:
+        return SIZES[size]
+    if labelled < 1:
+        raise ValueError(f"--labelled {labelled}: give at least 1 labelled video")
+    out = {}
+    for dataset, s in SIZES[size].items():
+        n_train = s.videos - 2 * max(1, round(s.eval_frac * s.videos))
+        if labelled > n_train:
+            print(f"--labelled {labelled}: the {size!r} {dataset} corpus has {n_train} "
+                  f"training videos; all {n_train} are labelled")
+        out[dataset] = s._replace(labelled=min(labelled, n_train))
+    return out
+
+
+def write_corpus(out: Path, seed: int, size_of: dict[str, Size], meta: dict) -> None:
+    """Every dataset of ``size_of`` into ``out``; ``meta`` heads ``world.json``."""
     build_tokenizer(out / "tokenizer")
     protos = make_prototypes(stream_rng(seed, 0))
     world = {}
     for k, (dataset, writer) in enumerate(WRITERS.items()):
-        splits = writer(out, stream_rng(seed, 1 + k), SIZES[size][dataset])
+        splits = writer(out, stream_rng(seed, 1 + k), size_of[dataset])
         feat_rng = stream_rng(seed, 100 + k)
         videos = kept(splits)
         for v in tqdm(videos, desc=f"{dataset} features", leave=False):
@@ -169,4 +194,4 @@ def write_corpus(out: Path, seed: int, size: str) -> None:
         world[dataset] = {v.name: {"split": s, "fi": v.fi, "n_frames": v.n_frames,
                                    "scenes": [asdict(sc) for sc in v.scenes]}
                           for s, vids in splits.items() for v in vids}
-    write_json(out / "world.json", {"seed": seed, "size": size, "videos": world}, indent=1)
+    write_json(out / "world.json", {**meta, "videos": world}, indent=1)
