@@ -1,10 +1,16 @@
 """The training engine shared by every entry script (training.md §3, §3.8, §4.7).
 
-An entry script describes its task with a small :class:`TrainTask` (model, training loaders,
-per-micro-batch loss, schedule switches, validation, three per-script flags) and calls
-``Trainer(task, opts).run()``. The engine owns everything else: process setup, seeding, the
-output-directory policy, run metadata, the DDP wrap, optimizer, mixed precision, accumulation,
-the all-reduce, clipping, the LR schedule, logging, validation cadence, checkpoints and resume.
+An entry script describes its task with a small :class:`TrainTask` (:mod:`utils.train_task`)
+and calls ``Trainer(task, opts).run()``. The engine owns everything else: process setup,
+seeding, the output-directory policy, run metadata, the DDP wrap, optimizer, mixed precision,
+accumulation, the all-reduce, clipping, the LR schedule, logging, validation cadence,
+checkpoints and resume.
+
+This module holds :class:`Trainer` (setup, the training loop, the update, logging, validation
+cadence, finish and close) and re-exports the names scripts import from it. Two bases of the
+Trainer hold the rest: :class:`utils.trainer_state.StateMixin` (the training state,
+checkpoints and resume) and :class:`utils.trainer_faults.FaultsMixin` (non-finite checks,
+stop signals and fatal errors, issue 13).
 
 Gradient semantics are upstream's (§3.7, P11): each micro-batch loss is the model's *mean* loss,
 **not** divided by ``gradient_accumulation_steps``; gradients are summed over micro-batches and
@@ -35,31 +41,8 @@ update; only the rounding of forward activations differs (slightly *more* accura
 losses and metrics stay comparable but are not bit-identical. Gradients are all-reduced while
 still scaled, then unscaled, as upstream.
 
-Checkpoints and resume. ``ckpt/model_step_<N>.pt`` at every validation; a full training state
-(model, optimizer, scalers, meters, data positions, RNG of every rank) every ``save_steps``
-as ``ckpt/train_state_<N>.pt``; the two newest are kept. ``--resume`` continues from the newest
-bit-for-bit (upstream's resume was lossy, P15): the data side is in :mod:`data.resumable`, and
-validation runs under a saved-and-restored RNG so training randomness does not depend on when
-validation happens. On resume ``log/hps.json`` must equal the current options (the keys that
-differ are listed; ``resume``, ``overwrite``, ``output_dir`` (a run folder may be moved) and
-``log_steps`` are ignored). Re-running the same command resumes too, as upstream did from its
-``restore.pt``; the last act of :meth:`Trainer.finish` writes ``log/finished.json``, after
-which a re-run (with or without ``--resume``) trains nothing and returns the final model
-(policy in :mod:`utils.run_dir`). A resumed run whose validation checkpoint of the resumed
-update is missing redoes that validation first (see :meth:`Trainer._validation_missing`).
-
-Faults (issue 13). The run folder is locked and claimed by :mod:`utils.run_dir`. Before every
-optimizer step the loss (every rank) and, in fp32/bf16, the gradient norm are checked: a
-non-finite update is never applied and the run stops naming the update, its loss terms and the
-newest good state (fp16: the scaler skips it, as apex did). No checkpoint or training state
-holding NaN/inf is written (:mod:`utils.numerics`), so rotation never drops the last good state.
-SIGTERM / the first SIGINT (:mod:`utils.preemption`) are agreed across ranks in the same
-all-reduce as the loss check; the run saves after that update and raises :class:`RunStopped`
-(exit ``128 + signal``). A fatal error goes with its traceback into ``log/log.txt``.
-
 Deliberate deviation (P14): training-loss scalars are logged at the same TensorBoard step as
-``lr`` and ``grad_norm`` (upstream wrote them one step behind). Deviation (issue 13): upstream
-applied a non-finite fp32 update and saved whatever the weights held.
+``lr`` and ``grad_norm`` (upstream wrote them one step behind).
 """
 from __future__ import annotations
 
@@ -67,7 +50,6 @@ import contextlib
 import logging
 import math
 import random
-import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -76,14 +58,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config.config import (
-    ConfigError,
-    add_bool,
-    check_required_keys,
-    config_warnings,
-    describe_origin,
-)
-from data.resumable import load_loaders_state, loaders_state_dict
+from config.config import ConfigError, check_required_keys, config_warnings
 from model.layers import set_dropout
 from optim.misc import build_optimizer
 from optim.sched import get_lr_sched, set_lr
@@ -95,123 +70,47 @@ from utils.dist_setup import (
     wrap_model,
 )
 from utils.distributed import all_gather_object, broadcast_object
-from utils.errors import HeroError
 from utils.logger import METRICS_LOG, TB_LOGGER, RunningMeter, setup_logging
-from utils.numerics import newest_good_files, non_finite_tensors
-from utils.preemption import StopRequest, resume_advice
+from utils.preemption import StopRequest
 from utils.run_dir import mark_finished, plan_output_dir
 from utils.save import (
     CheckpointError,
     ModelSaver,
     load_checkpoint_file,
-    load_training_state,
     rng_state,
     save_training_meta,
-    save_training_state,
     set_rng_state,
 )
-from utils.virtual_world import (
-    VirtualMetaLoader,
-    VirtualWorld,
-    plain_world,
-    resolve_virtual_world_size,
+from utils.train_task import (
+    ID_KEYS,
+    NonFiniteLossError,
+    RunStopped,
+    TrainTask,
+    add_run_args,
+    check_required_paths,
+    describe_batch,
 )
+from utils.trainer_faults import FaultsMixin
+from utils.trainer_state import KEEP_TRAIN_STATES, StateMixin
+from utils.virtual_world import VirtualMetaLoader, VirtualWorld, resolve_virtual_world_size
+
+__all__ = [
+    "ID_KEYS",
+    "KEEP_TRAIN_STATES",
+    "PERF_EVERY",
+    "NonFiniteLossError",
+    "RunStopped",
+    "TrainTask",
+    "Trainer",
+    "add_run_args",
+    "check_required_paths",
+    "describe_batch",
+    "forked_rng",
+    "set_random_seed",
+]
 
 LOGGER = logging.getLogger(__name__)
-KEEP_TRAIN_STATES = 2
 PERF_EVERY = 100
-ID_KEYS = ("vids", "qids", "vid_names", "q_ids", "clip_ids")
-
-
-class NonFiniteLossError(HeroError, RuntimeError):
-    """A training loss, gradient norm or parameter was NaN or infinite; training stopped before
-    anything non-finite was applied or saved (issue 13 item 3)."""
-
-
-class RunStopped(HeroError):
-    """SIGTERM/SIGINT: the run saved a training state and stops; exit code ``128 + signal``."""
-
-    logged = True
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-def add_run_args(parser) -> None:
-    """Flags the engine adds to every script's parser (call before parsing)."""
-    add_bool(parser, "resume", help="continue from the newest ckpt/train_state_*.pt (the "
-             "same command without it does so too)")
-    add_bool(parser, "overwrite", help="move the run already in output_dir aside to "
-             "output_dir/previous-<time>/ and start over")
-    parser.add_argument("--log_steps", type=int, default=100,
-                        help="write the running losses to log/log.txt every N updates")
-
-
-class TrainTask:
-    """What an entry script supplies. Override the methods; set the three upstream flags.
-
-    ``honour_lr_mul``: upstream applies ``lr_mul`` to groups 0-1 (videoQA, violin, tvc).
-    ``restore_before_validation``: the training state is saved before validation (videoQA,
-    violin) rather than after it (pretrain, vcmr, vr).
-    ``final_ckpt_suffix``: ``None`` saves ``model_step_N`` at the end only if the last step did
-    not already validate (pretrain, tvc); a string such as ``"_final"`` always saves
-    ``model_step_N<suffix>`` (vcmr, vr, videoQA, violin).
-    """
-
-    honour_lr_mul = False
-    restore_before_validation = False
-    final_ckpt_suffix: str | None = None
-    find_unused_parameters = True
-    world: VirtualWorld | None = None  # set by the Trainer (``--virtual_world_size``)
-    path_flags: tuple[str, ...] = ()  # option names of the paths required_paths checks
-    # options the run cannot start without (missing/null is a ConfigError naming the key and
-    # the config file, issue 13); ``output_dir`` is always required
-    required_keys: tuple[str, ...] = ()
-
-    def __init__(self, opts):
-        self.opts = opts
-        self.device = torch.device("cpu")
-
-    def required_paths(self) -> dict:
-        """flag -> path that must exist (checked before anything is built).
-
-        The default checks the flags named in ``path_flags``; an empty value counts as unset.
-        """
-        return {k: getattr(self.opts, k, None) or None for k in self.path_flags}
-
-    def build_model(self):
-        raise NotImplementedError
-
-    def build_train_loaders(self) -> dict:
-        """name -> (loader, ratio); use :func:`data.resumable.build_resumable_loader`."""
-        raise NotImplementedError
-
-    def compute_loss(self, model, task: str, batch):
-        """(scalar mean loss, {component: value to log}) for one micro-batch."""
-        raise NotImplementedError
-
-    def schedule(self, model, global_step: int) -> None:
-        """Schedule switches, called before every micro-batch (§3.8 step 1)."""
-
-    def all_gathers(self, model, task: str) -> bool:
-        """Whether training task ``task``'s loss all-gathers across ranks (the VSM ranking
-        losses, model.md §8.4): ``--virtual_world_size`` then gathers the virtual ranks too."""
-        return False
-
-    def validate(self, model, global_step: int, final: bool = False) -> dict:
-        """TensorBoard key -> value; runs on every rank with the model in eval mode."""
-        return {}
-
-    def validation_world(self) -> VirtualWorld:
-        """The ranks a loss validation plays (:meth:`VirtualWorld.validation_sums`): those of
-        ``--virtual_world_size`` under the :class:`Trainer`, else the real processes."""
-        return self.world if self.world is not None else plain_world()
-
-    def log_update(self, global_step: int, meters: dict) -> None:
-        """Task-specific TensorBoard scalars after each update (every rank; TB step already
-        set), e.g. upstream TVC's bare ``loss`` and ``perf/cap_per_s``; ``meters`` is the
-        engine's ``{key: RunningMeter}``."""
 
 
 def set_random_seed(seed: int) -> None:
@@ -219,27 +118,6 @@ def set_random_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def describe_batch(batch) -> str:
-    """Keys and, where present, the item ids of a batch (for error messages)."""
-    if not isinstance(batch, dict):
-        return f"batch of type {type(batch).__name__}"
-    ids = {k: list(batch[k])[:8] for k in ID_KEYS if k in batch}
-    return f"batch keys [{', '.join(map(str, batch))}]" + (f", ids {ids}" if ids else "")
-
-
-def check_required_paths(paths: dict, opts=None) -> None:
-    """Refuse paths that do not exist, each named with the flag or config key that set it."""
-    missing = []
-    for key, path in paths.items():
-        if path is not None and not Path(path).exists():
-            origin = describe_origin(opts, key)
-            missing.append(f"{'--' if key.isidentifier() else ''}{key} {path}"
-                           + (f" ({origin})" if origin else ""))
-    if missing:
-        raise ConfigError(f"path(s) not found: {'; '.join(missing)}; correct them where they "
-                          f"are set (relative paths are resolved from {Path.cwd()})")
 
 
 @contextlib.contextmanager
@@ -252,7 +130,7 @@ def forked_rng():
         set_rng_state(saved)
 
 
-class Trainer:
+class Trainer(StateMixin, FaultsMixin):
     """Runs a :class:`TrainTask` under upstream's training-loop semantics (see module doc)."""
 
     def __init__(self, task: TrainTask, opts):
@@ -299,34 +177,6 @@ class Trainer:
             self.stop.restore()
             self.close()
         return self.model
-
-    def _stop_for_signal(self):
-        """Save, wait until rank 0 has written the state (a launcher may signal the other
-        ranks as soon as one exits), then raise :class:`RunStopped`."""
-        self._save_state()
-        all_gather_object(True)
-        if self.pbar is not None:
-            self.pbar.close()  # so the message below is the console's last line
-        name = signal.Signals(self._stop_signum).name
-        message = (f"stopped by {name} at update {self.global_step} of "
-                   f"{self.opts.num_train_steps}; training state saved in "
-                   f"{Path(self.opts.output_dir) / 'ckpt'}; "
-                   f"{resume_advice(self.ctx.world_size, self.opts.overwrite)}")
-        LOGGER.warning(message)
-        raise RunStopped(message, self._stop_signum)
-
-    def _log_fatal(self, exc: BaseException) -> None:
-        """The error and its traceback into this run's ``log.txt`` only (the console shows the
-        message, or Python's traceback for a bug); nothing before the run owns the folder."""
-        if isinstance(exc, RunStopped) or self._log_file is None:
-            return
-        for handler in logging.getLogger().handlers:
-            if getattr(handler, "baseFilename", None) == self._log_file:
-                record = LOGGER.makeRecord(
-                    LOGGER.name, logging.ERROR, __file__, 0,
-                    "run failed at update %d: %s: %s", (self.global_step, type(exc).__name__,
-                                                        exc), (type(exc), exc, exc.__traceback__))
-                handler.handle(record)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> bool:
@@ -453,70 +303,6 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    # ------------------------------------------------------------------ training state
-    def _state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
-                "meters": {k: m.state_dict() for k, m in self.meters.items()},
-                "data": {"meta_step": self.meta_loader.step,
-                         "loaders": loaders_state_dict(self._loaders),
-                         "loaders_by_rank": self.world.gather(
-                             [loaders_state_dict(d) for d in self._rank_loaders])},
-                "examples": dict(self.examples), "overflows": dict(self.overflows),
-                "zero_grads": [n for n, p in self.model.named_parameters()
-                               if p.grad is not None]}
-
-    def _save_state(self) -> None:
-        ckpt = Path(self.opts.output_dir) / "ckpt"
-        self._check_finite(f"{ckpt / f'train_state_{self.global_step}.pt'}", True)
-        path = save_training_state(ckpt, self.global_step, self._state(),
-                                   self.world.rng_states())
-        if self.ctx.rank == 0:
-            states = sorted(ckpt.glob("train_state_*.pt"),
-                            key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-            for old in states[:-KEEP_TRAIN_STATES]:
-                old.unlink()
-            LOGGER.info("saved training state %s", path)
-
-    def _load_state(self, path) -> dict:
-        state = load_training_state(path, self.world.size, self.world.global_rank(0),
-                                    self.world.per_rank)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name, scaler_state in state["scalers"].items():
-            self.scalers[name].load_state_dict(scaler_state)
-        for name, meter_state in state["meters"].items():
-            self.meters[name] = RunningMeter(name, meter_state["smooth"])
-            self.meters[name].load_state_dict(meter_state)
-        self.examples.update(state["examples"])
-        self.overflows.update(state["overflows"])
-        self._restore_zero_grads(state["zero_grads"])
-        self.global_step = int(state["global_step"])
-        LOGGER.info("resumed from %s at update %d", path, self.global_step)
-        return state
-
-    def _restore_zero_grads(self, names) -> None:
-        """Zero (not None) grads where the saved run had them: Adam still steps those."""
-        named = dict(self.model.named_parameters())
-        for name in names:
-            named[name].grad = torch.zeros_like(named[name])
-
-    def _restore_data_and_rng(self, state) -> None:
-        """Last step of setup: nothing may consume RNG between this and the first batch.
-
-        Each (virtual) rank gets its own loader positions; states written before those were
-        saved per rank give every rank rank 0's."""
-        data = state["data"]
-        self.meta_loader.step = data["meta_step"]
-        by_rank = data.get("loaders_by_rank")
-        positions = (self.world.local_slice(by_rank) if by_rank
-                     else [data["loaders"]] * len(self._rank_loaders))
-        for loaders, saved in zip(self._rank_loaders, positions):
-            missing = load_loaders_state(loaders, saved)
-        if missing:
-            LOGGER.warning("no saved position for loader(s) %s", ", ".join(missing))
-        self.world.load_rng_states(state["rng_local"])
-
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
         opts = self.opts
@@ -542,18 +328,6 @@ class Trainer:
                 self._update(name)
                 if self._stop_signum or self.global_step >= opts.num_train_steps:
                     break
-
-    def _validation_missing(self) -> bool:
-        """Resumed at a validation step whose ``model_step_N.pt`` is absent, where that means
-        the validation may never have run: tasks that save the training state before
-        validating (died during it), and the last update (a run ends with its checkpoint)."""
-        step = self.global_step
-        if step == 0 or step % self.opts.valid_steps != 0:
-            return False
-        if not (self.task.restore_before_validation or step >= self.opts.num_train_steps):
-            return False
-        path = Path(self.opts.output_dir) / "ckpt" / f"model_step_{step}.pt"
-        return bool(broadcast_object(not path.is_file() if self.ctx.rank == 0 else None))
 
     def _capture(self, name: str, batch) -> None:
         """The no-grad first pass of a loss that all-gathers, under virtual ranks
@@ -643,33 +417,6 @@ class Trainer:
             LOGGER.info("fp16 overflow at update %d (task %s): update skipped, loss scale %g "
                         "-> %g (%d skipped so far)", self.global_step, name, before,
                         scaler.get_scale(), self.overflows[name])
-
-    def _raise_non_finite(self):
-        reports = [r for r in all_gather_object(self.bad_loss) if r]
-        raise NonFiniteLossError(
-            "non-finite training loss; stopped before the optimizer step, nothing saved for "
-            f"this update ({self._newest_good()}): " + "; ".join(reports))
-
-    def _raise_non_finite_update(self, name: str, what: str):
-        terms = ", ".join(f"{k} {sum(v) / len(v):.6g}" for k, v in
-                          sorted(self.update_terms.items()) if v)
-        raise NonFiniteLossError(
-            f"non-finite {what} at update {self.global_step} (task {name}); the update was "
-            f"not applied and nothing was saved. Loss terms of this update: {terms or 'none'}. "
-            f"{self._newest_good()}. Lower --learning_rate or raise the warmup, then start "
-            "over (--overwrite) or continue from that state (--resume)")
-
-    def _newest_good(self) -> str:
-        return newest_good_files(Path(self.opts.output_dir) / "ckpt")
-
-    def _check_finite(self, what: str, with_optimizer: bool) -> None:
-        """Refuse to write ``what`` if a parameter (or optimizer moment) is non-finite."""
-        bad = non_finite_tensors(self.model, self.optimizer if with_optimizer else None)
-        if bad:
-            raise NonFiniteLossError(
-                f"not writing {what} at update {self.global_step}: {len(bad)} tensor(s) hold "
-                f"NaN/inf, e.g. {', '.join(bad[:5])}. {self._newest_good()}. Lower "
-                "--learning_rate, then start over (--overwrite) or --resume from that state")
 
     # ------------------------------------------------------------------ logging
     def _log_update(self, name: str, lr: float, grad_norm) -> None:
