@@ -1,15 +1,14 @@
 """Raw TV task files in the released formats (data.md §3.2-3.6): TVR, TVQA, TVC, subtitles.
 
-One TVR query, three TVQA questions (one per answer field: who, where, doing what) and one TVC
-clip (two captions) per scene; ids are global counters so they never collide across splits.
-Three questions per scene triple the TVQA data without lengthening a training step, so the demo
-sees each question about once and must learn the grounding rule instead of memorising question
-texts.  Query types follow the modality that answers them: ``v`` (who/what/where: frames), ``t``
-(who mentions which object: subtitles), ``vt`` (both).  TVQA answers are all grounded in the
-frames (questions about the object, answerable from subtitles only, stayed at chance: 23% after
-300 updates while place and action questions reached 75% and 92%); their distractor answers are
-values absent from the clip (see :func:`answers`).  ``test_public`` lines omit the fields the
-released test files omit (TVR: ``vid_name``/``ts``; TVQA: ``answer_idx``; TVC: ``descs``).
+One TVR query, one TVQA question and one TVC clip (two captions) per scene; ids are global
+counters so they never collide across splits.  Query types follow the modality that answers
+them: ``v`` (who/what/where: frames), ``t`` (who mentions which object: subtitles), ``vt``
+(both).  TVQA asks who is on screen: its answer is a name, grounded in the frames (the face) and
+spoken in the subtitles (the speaker prefix), the link that pre-training on unlabelled clips
+teaches (docs/toy_qa.md: with where/what questions as well, HERO's QA head gained nothing from
+pre-training); its distractor answers are names absent from the clip (see :func:`answers`).
+``test_public`` lines omit the fields the released test files omit (TVR: ``vid_name``/``ts``;
+TVQA: ``answer_idx``; TVC: ``descs``).
 """
 from __future__ import annotations
 

@@ -27,10 +27,14 @@ ASR_LINES = ("where is my {obj}", "i just found the {obj}", "look at this {obj}"
 TVR = {"v": "{char} is {ing} in the {loc}.",
        "t": "{char} talks about the {obj}.",
        "vt": "{char} is {ing} in the {loc} and talks about the {obj}."}
-# TVQA: question, answer template, the scene field the answer varies
-TVQA = (("Who is {ing} in the {loc}?", "{char}.", "char"),
-        ("Where is {char} when talking about the {obj}?", "In the {loc}.", "loc"),
-        ("What is {char} doing while talking about the {obj}?", "{char} is {ing}.", "action"))
+# TVQA: question, answer template, the scene field the answer varies. Only "who": the link
+# between a name and a face is what the subtitles teach (docs/toy_qa.md measures the where and
+# what questions this list held before: pre-training did not help HERO's QA head on them)
+TVQA = (("Who is {ing} in the {loc}?", "{char}.", "char"),)
+# words of the dropped where/what questions: kept in the lexicon so that the toy tokenizer, and
+# with it the subtitles' token ids and every pre-trained checkpoint, stay the same
+FORMER_TVQA = ("Where is {char} when talking about the {obj}?", "In the {loc}.",
+               "What is {char} doing while talking about the {obj}?", "{char} is {ing}.")
 TVC = ("{char} is {ing} in the {loc} and mentions the {obj}.",
        "In the {loc}, {char} talks about the {obj} while {ing}.")
 VIOLIN = ("{char} is {ing} in the {loc} and talks about the {obj}.",
@@ -41,7 +45,7 @@ MSRVTT = ("{char} is {ing} in the {loc}", "a person is {ing} in the {loc}",
 
 ALL_TEMPLATES = (FACT_LINES + sum(MENTION_LINES, ()) + REPLIES + ASR_LINES + tuple(TVR.values())
                  + tuple(t for q, a, _ in TVQA for t in (q, a)) + TVC + VIOLIN + DIDEMO + MSRVTT
-                 + ("{char} : ",))
+                 + ("{char} : ",) + FORMER_TVQA)
 # Why names are never lower-cased and answers never capitalise a word: a byte-level BPE gives
 # "Alice", " Alice" and "alice" three unrelated ids, so a query word must appear in the same
 # form in some subtitle for pre-training on subtitles to teach it. Sentence-initial names
