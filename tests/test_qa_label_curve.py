@@ -71,9 +71,11 @@ def test_report_reads_accuracy_early_loss_and_tvqa_question_types(toy_raw, tmp_p
     opts = options(tmp_path, labelled=[2])
     ldir = tmp_path / "curve" / "labelled2"
     (ldir / "raw").mkdir(parents=True)
-    val = (toy_raw / "tvqa_val.jsonl").read_text()
-    (ldir / "raw" / "tvqa_val.jsonl").write_text(val)
-    questions = [json.loads(x) for x in val.splitlines()]
+    questions = [json.loads(x) for x in (toy_raw / "tvqa_val.jsonl").read_text().splitlines()]
+    # the toy asks "who" only; corpora of older generators also asked where and what
+    for k, q in enumerate(questions):
+        q["q"] = ("Who is here?", "Where is Alice?", "What is Alice doing?")[k % 3]
+    (ldir / "raw" / "tvqa_val.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     for init, right in (("pretrained", True), ("scratch", False)):
         run = ldir / f"tvqa_{init}"
         write_jsonl_run(run, [(1, "tvqa", 1.6), (100, "tvqa", 1.2), (200, "tvqa", 0.1)],
