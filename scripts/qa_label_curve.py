@@ -29,6 +29,7 @@ if __package__ in (None, ""):
 from scripts.make_report import read_run  # noqa: E402
 from scripts.study import (  # noqa: E402
     FINETUNES,
+    REPO,
     Job,
     Scheduler,
     demo_config,
@@ -183,8 +184,8 @@ def check_settings(out: Path, opts) -> None:
 
 
 def parse_updates(pairs: list) -> dict:
-    updates = {t: json.loads((Path(__file__).resolve().parents[1] / "config" /
-                              FINETUNES[t][1]).read_text())["num_train_steps"] for t in TASKS}
+    updates = {t: json.loads((REPO / "config" / FINETUNES[t][1]).read_text())["num_train_steps"]
+               for t in TASKS}
     for pair in pairs:
         task, _, value = pair.partition("=")
         if task not in updates or not value.isdigit():

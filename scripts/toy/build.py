@@ -35,6 +35,11 @@ class Size(NamedTuple):
     eval_frac: float
     labelled: int | None = None
 
+    @property
+    def n_eval(self) -> int:
+        """Videos in val, and again in test (at least one each)."""
+        return max(1, round(self.eval_frac * self.videos))
+
 
 SIZES = {"tiny": {"tv": Size(12, 0.15), "violin": Size(8, 0.2), "didemo": Size(8, 0.2),
                   "msrvtt": Size(8, 0.2)},
@@ -58,7 +63,7 @@ def split_videos(rng, videos: list[Video], names, size: Size) -> dict[str, list[
     """Shuffle, then val and test take ``eval_frac`` each (at least one video), train the
     first ``labelled`` of the rest and ``unlabelled`` the others."""
     order = [videos[int(i)] for i in rng.permutation(len(videos))]
-    n_eval = max(1, round(size.eval_frac * len(videos)))
+    n_eval = size.n_eval
     train = order[2 * n_eval:]
     n_lab = len(train) if size.labelled is None else size.labelled
     parts = (train[:n_lab], order[:n_eval], order[n_eval:2 * n_eval], train[n_lab:])
@@ -172,7 +177,7 @@ def sizes(size: str, labelled: int | None = None) -> dict[str, Size]:
         raise ValueError(f"--labelled {labelled}: give at least 1 labelled video")
     out = {}
     for dataset, s in SIZES[size].items():
-        n_train = s.videos - 2 * max(1, round(s.eval_frac * s.videos))
+        n_train = s.videos - 2 * s.n_eval
         if labelled > n_train:
             print(f"--labelled {labelled}: the {size!r} {dataset} corpus has {n_train} "
                   f"training videos; all {n_train} are labelled")
